@@ -1,0 +1,110 @@
+"""Hugging Face transformers CLIP layout (`CLIPModel`) -> OpenAI layout."""
+import json
+import os
+import re
+
+import numpy as np
+
+from keras_clip.convert.checkpoint import CheckpointError
+
+_LAYER_RENAMES = [
+    ("layer_norm1", "ln_1"),
+    ("layer_norm2", "ln_2"),
+    ("mlp.fc1", "mlp.c_fc"),
+    ("mlp.fc2", "mlp.c_proj"),
+    ("self_attn.out_proj", "attn.out_proj"),
+]
+_ACTIVATIONS = {"quick_gelu": "quick_gelu", "gelu": "gelu"}
+
+
+def config_from_hf(hf_config):
+    """CLIP kwargs from a transformers `CLIPConfig` dict (`config.json`)."""
+    try:
+        text, vision = hf_config["text_config"], hf_config["vision_config"]
+        act = text.get("hidden_act", "quick_gelu")
+        if act not in _ACTIVATIONS or vision.get("hidden_act", act) != act:
+            raise CheckpointError(
+                f"Unsupported Hugging Face CLIP activation: text {act!r}, vision "
+                f"{vision.get('hidden_act')!r} (supported: {sorted(_ACTIVATIONS)})"
+            )
+        eps = text.get("layer_norm_eps", 1e-5)
+        return dict(
+            embed_dim=hf_config.get("projection_dim", 512),
+            image_size=vision["image_size"],
+            vision_architecture="vit",
+            vision_patch_size=vision["patch_size"],
+            vision_hidden_dim=vision["hidden_size"],
+            vision_num_layers=vision["num_hidden_layers"],
+            vision_num_heads=vision["num_attention_heads"],
+            vision_intermediate_dim=vision["intermediate_size"],
+            context_length=text.get("max_position_embeddings", 77),
+            vocabulary_size=text.get("vocab_size", 49408),
+            text_hidden_dim=text["hidden_size"],
+            text_num_layers=text["num_hidden_layers"],
+            text_num_heads=text["num_attention_heads"],
+            text_intermediate_dim=text["intermediate_size"],
+            activation=_ACTIVATIONS[act],
+            layer_norm_epsilon=eps,
+        )
+    except KeyError as e:
+        raise CheckpointError(f"Hugging Face config.json is not a CLIPConfig: missing {e}") from e
+
+
+def state_dict_from_hf(hf):
+    """Renames/reshapes `CLIPModel` tensors into OpenAI's state-dict layout."""
+    sd = {}
+    qkv = {}
+    for key, value in hf.items():
+        if key.endswith("position_ids"):
+            continue
+        m = re.match(r"(text|vision)_model\.encoder\.layers\.(\d+)\.(.*)", key)
+        if m:
+            tower, index, rest = m.groups()
+            prefix = ("visual." if tower == "vision" else "") + f"transformer.resblocks.{index}"
+            proj = re.match(r"self_attn\.([qkv])_proj\.(weight|bias)", rest)
+            if proj:
+                qkv.setdefault((prefix, proj.group(2)), {})[proj.group(1)] = value
+                continue
+            for old, new in _LAYER_RENAMES:
+                rest = rest.replace(old, new)
+            sd[f"{prefix}.{rest}"] = value
+            continue
+        renamed = {
+            "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+            "text_model.embeddings.position_embedding.weight": "positional_embedding",
+            "text_model.final_layer_norm.weight": "ln_final.weight",
+            "text_model.final_layer_norm.bias": "ln_final.bias",
+            "vision_model.embeddings.class_embedding": "visual.class_embedding",
+            "vision_model.embeddings.patch_embedding.weight": "visual.conv1.weight",
+            "vision_model.embeddings.position_embedding.weight": "visual.positional_embedding",
+            "vision_model.pre_layrnorm.weight": "visual.ln_pre.weight",
+            "vision_model.pre_layrnorm.bias": "visual.ln_pre.bias",
+            "vision_model.post_layernorm.weight": "visual.ln_post.weight",
+            "vision_model.post_layernorm.bias": "visual.ln_post.bias",
+            "logit_scale": "logit_scale",
+        }
+        if key in renamed:
+            sd[renamed[key]] = value
+        elif key == "text_projection.weight":
+            sd["text_projection"] = np.transpose(value)
+        elif key == "visual_projection.weight":
+            sd["visual.proj"] = np.transpose(value)
+        else:
+            sd[key] = value  # left for the loader to report as unsupported
+    for (prefix, kind), parts in qkv.items():
+        if set(parts) != {"q", "k", "v"}:
+            raise CheckpointError(f"Incomplete attention projections under {prefix}: {sorted(parts)}")
+        sd[f"{prefix}.attn.in_proj_{kind}"] = np.concatenate([parts["q"], parts["k"], parts["v"]], axis=0)
+    return sd
+
+
+def is_hf_folder(path):
+    config = os.path.join(path, "config.json")
+    if not os.path.isfile(config):
+        return False
+    with open(config) as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError:
+            return False
+    return "text_config" in data and "vision_config" in data

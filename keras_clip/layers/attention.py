@@ -1,0 +1,105 @@
+"""Multi-head self-attention with a packed query/key/value projection."""
+import math
+
+import keras
+from keras import ops
+
+
+@keras.saving.register_keras_serializable(package="keras_clip")
+class CLIPAttention(keras.layers.Layer):
+    """Multi-head self-attention laid out like PyTorch's `nn.MultiheadAttention`.
+
+    Queries, keys and values come from one packed projection (`qkv`, kernel
+    `(hidden_dim, 3 * hidden_dim)`, in q, k, v order), as in OpenAI's checkpoints
+    (`in_proj_weight`), so weights convert by a transpose. Softmax runs in float32
+    under mixed precision.
+
+    Args:
+        hidden_dim: int. Width of the input and output.
+        num_heads: int. Number of heads; must divide `hidden_dim`.
+        kernel_initializer: initializer of the packed projection.
+        output_kernel_initializer: initializer of the output projection.
+
+    Call arguments:
+        x: float tensor `(batch, length, hidden_dim)`.
+        causal: bool. If True, position i attends only to positions <= i.
+
+    Returns:
+        Tensor `(batch, length, hidden_dim)`.
+
+    Example:
+    >>> layer = CLIPAttention(hidden_dim=64, num_heads=2)
+    >>> layer(keras.ops.ones((1, 5, 64)), causal=True).shape
+    (1, 5, 64)
+    """
+
+    def __init__(
+        self,
+        hidden_dim,
+        num_heads,
+        kernel_initializer="glorot_uniform",
+        output_kernel_initializer="glorot_uniform",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if num_heads <= 0:
+            raise ValueError(f"`num_heads` must be positive. Received: num_heads={num_heads}")
+        if hidden_dim % num_heads:
+            raise ValueError(
+                "`hidden_dim` must be divisible by `num_heads`. "
+                f"Received: hidden_dim={hidden_dim}, num_heads={num_heads}"
+            )
+        self.hidden_dim = hidden_dim
+        self.num_heads = num_heads
+        self.head_dim = hidden_dim // num_heads
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.output_kernel_initializer = keras.initializers.get(output_kernel_initializer)
+        self.qkv = keras.layers.Dense(
+            3 * hidden_dim,
+            kernel_initializer=self.kernel_initializer,
+            name="qkv",
+            dtype=self.dtype_policy,
+        )
+        self.out_proj = keras.layers.Dense(
+            hidden_dim,
+            kernel_initializer=self.output_kernel_initializer,
+            name="out_proj",
+            dtype=self.dtype_policy,
+        )
+
+    def build(self, input_shape):
+        self.qkv.build(input_shape)
+        self.out_proj.build(tuple(input_shape[:-1]) + (self.hidden_dim,))
+
+    def call(self, x, causal=False):
+        batch, length = ops.shape(x)[0], ops.shape(x)[1]
+        qkv = ops.reshape(self.qkv(x), (batch, length, 3, self.num_heads, self.head_dim))
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, T, H, Dh)
+        q = q * ops.cast(1.0 / math.sqrt(self.head_dim), q.dtype)
+        scores = ops.einsum("bqhd,bkhd->bhqk", q, k)  # (B, H, T, T)
+        scores = ops.cast(scores, "float32")
+        if causal:
+            positions = ops.arange(length)
+            allowed = positions[None, :] <= positions[:, None]  # (T, T)
+            scores = ops.where(allowed[None, None], scores, -1e9)
+        probs = ops.cast(ops.softmax(scores, axis=-1), v.dtype)
+        out = ops.einsum("bhqk,bkhd->bqhd", probs, v)  # (B, T, H, Dh)
+        out = ops.reshape(out, (batch, length, self.hidden_dim))
+        return self.out_proj(out)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "hidden_dim": self.hidden_dim,
+                "num_heads": self.num_heads,
+                "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
+                "output_kernel_initializer": keras.initializers.serialize(
+                    self.output_kernel_initializer
+                ),
+            }
+        )
+        return config

@@ -1,0 +1,109 @@
+"""Pre-LayerNorm transformer block used by both CLIP towers."""
+import keras
+
+from keras_clip.layers.activations import get_activation
+from keras_clip.layers.attention import CLIPAttention
+
+
+@keras.saving.register_keras_serializable(package="keras_clip")
+class ResidualAttentionBlock(keras.layers.Layer):
+    """`x + attn(ln_1(x))`, then `x + mlp(ln_2(x))`, as OpenAI's `ResidualAttentionBlock`.
+
+    Args:
+        hidden_dim: int. Width of the residual stream.
+        num_heads: int. Attention heads.
+        intermediate_dim: int. Hidden width of the MLP (4 * hidden_dim in every CLIP).
+        activation: `"quick_gelu"` (OpenAI weights) or `"gelu"` (most LAION weights).
+        layer_norm_epsilon: float. 1e-5 as in PyTorch (Keras defaults to 1e-3).
+        attention_std: std of the normal init of the packed qkv projection.
+        projection_std: std of the init of the attention-output and MLP-output projections.
+        mlp_std: std of the init of the MLP input projection.
+
+    Call arguments:
+        x: `(batch, length, hidden_dim)`.
+        causal: bool, causal self-attention (text tower).
+
+    Returns:
+        `(batch, length, hidden_dim)`.
+    """
+
+    def __init__(
+        self,
+        hidden_dim,
+        num_heads,
+        intermediate_dim,
+        activation="quick_gelu",
+        layer_norm_epsilon=1e-5,
+        attention_std=0.02,
+        projection_std=0.02,
+        mlp_std=0.02,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if intermediate_dim <= 0:
+            raise ValueError(
+                f"`intermediate_dim` must be positive. Received: intermediate_dim={intermediate_dim}"
+            )
+        self.hidden_dim = hidden_dim
+        self.num_heads = num_heads
+        self.intermediate_dim = intermediate_dim
+        self.activation = activation
+        self.layer_norm_epsilon = layer_norm_epsilon
+        self.attention_std = attention_std
+        self.projection_std = projection_std
+        self.mlp_std = mlp_std
+        self._activation_fn = get_activation(activation)
+        normal = keras.initializers.RandomNormal
+        self.ln_1 = keras.layers.LayerNormalization(
+            epsilon=layer_norm_epsilon, name="ln_1", dtype=self.dtype_policy
+        )
+        self.attn = CLIPAttention(
+            hidden_dim,
+            num_heads,
+            kernel_initializer=normal(stddev=attention_std),
+            output_kernel_initializer=normal(stddev=projection_std),
+            name="attn",
+            dtype=self.dtype_policy,
+        )
+        self.ln_2 = keras.layers.LayerNormalization(
+            epsilon=layer_norm_epsilon, name="ln_2", dtype=self.dtype_policy
+        )
+        self.c_fc = keras.layers.Dense(
+            intermediate_dim, kernel_initializer=normal(stddev=mlp_std), name="c_fc",
+            dtype=self.dtype_policy,
+        )
+        self.c_proj = keras.layers.Dense(
+            hidden_dim, kernel_initializer=normal(stddev=projection_std), name="c_proj",
+            dtype=self.dtype_policy,
+        )
+
+    def build(self, input_shape):
+        self.ln_1.build(input_shape)
+        self.attn.build(input_shape)
+        self.ln_2.build(input_shape)
+        self.c_fc.build(input_shape)
+        self.c_proj.build(tuple(input_shape[:-1]) + (self.intermediate_dim,))
+
+    def call(self, x, causal=False):
+        x = x + self.attn(self.ln_1(x), causal=causal)  # (B, T, D)
+        h = self._activation_fn(self.c_fc(self.ln_2(x)))  # (B, T, 4D)
+        return x + self.c_proj(h)  # (B, T, D)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "hidden_dim": self.hidden_dim,
+                "num_heads": self.num_heads,
+                "intermediate_dim": self.intermediate_dim,
+                "activation": self.activation,
+                "layer_norm_epsilon": self.layer_norm_epsilon,
+                "attention_std": self.attention_std,
+                "projection_std": self.projection_std,
+                "mlp_std": self.mlp_std,
+            }
+        )
+        return config

@@ -1,0 +1,303 @@
+"""The CLIP model: an image tower and a text tower in one embedding space."""
+import json
+import os
+import shutil
+
+import keras
+from absl import logging
+from keras import ops
+
+from keras_clip.layers.logit_scale import LogitScale
+from keras_clip.models.modified_resnet import CLIPModifiedResNet
+from keras_clip.models.text_transformer import CLIPTextTransformer
+from keras_clip.models.vision_transformer import CLIPVisionTransformer
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.weights.h5"
+VOCABULARY_FILE = "bpe_simple_vocab_16e6.txt.gz"
+
+
+@keras.saving.register_keras_serializable(package="keras_clip")
+class CLIP(keras.Model):
+    """Contrastive Language-Image Pre-training (Radford et al., 2021).
+
+    Both towers map into an `embed_dim` space; embeddings are L2-normalised and
+    compared by cosine similarity times a learned scale (`logit_scale`, initialised to
+    1/0.07, kept <= 100 by a weight constraint).
+
+    Every argument is stored under its own name and returned by `get_config`, so a
+    preset is these kwargs plus weights. `keras_clip.presets.ARCHITECTURES` holds the
+    paper's nine models.
+
+    Args:
+        embed_dim: int. Width of the shared space.
+        image_size: int. Input resolution.
+        vision_architecture: `"vit"` or `"resnet"`.
+        vision_num_layers: int (ViT depth) or 4 ints (ResNet blocks per stage).
+        vision_hidden_dim: int. ViT width, or ResNet base width (64 for RN50).
+        vision_num_heads: int. ViT heads, or heads of the ResNet attention pool.
+        vision_patch_size: int. ViT only.
+        vision_intermediate_dim: int. ViT MLP width; default 4 * vision_hidden_dim.
+        context_length: int. Text positions (77).
+        vocabulary_size: int. 49,408.
+        text_hidden_dim, text_num_layers, text_num_heads: text transformer shape.
+        text_intermediate_dim: int. Default 4 * text_hidden_dim.
+        activation: `"quick_gelu"` (OpenAI weights) or `"gelu"` (LAION weights).
+        layer_norm_epsilon: float. 1e-5 as in PyTorch.
+        batch_norm_epsilon: float. 1e-5 as in PyTorch (ResNet only).
+        initial_logit_scale: float. 1 / 0.07.
+        max_logit_scale: float. 100.
+        end_token_id: int. Where the text tower pools (49407).
+
+    Call arguments:
+        inputs: dict with `"images"` (float `(B, S, S, 3)`, preprocessed by
+            `CLIPImagePreprocessor`) and `"token_ids"` (int `(B', T)` from
+            `CLIPTokenizer`).
+
+    Returns:
+        dict: `image_embeddings` `(B, E)` and `text_embeddings` `(B', E)` (unit norm),
+        `logits_per_image` `(B, B')` and `logits_per_text` `(B', B)` (scaled cosines).
+
+    Example:
+    >>> model = CLIP.from_preset("clip_vit_tiny")
+    >>> out = model({"images": keras.ops.zeros((2, 64, 64, 3)),
+    ...              "token_ids": keras_clip.tokenize(["a cat", "a dog"], 32)})
+    >>> out["logits_per_image"].shape
+    TensorShape([2, 2])
+    """
+
+    def __init__(
+        self,
+        embed_dim=512,
+        image_size=224,
+        vision_architecture="vit",
+        vision_num_layers=12,
+        vision_hidden_dim=768,
+        vision_num_heads=12,
+        vision_patch_size=32,
+        vision_intermediate_dim=None,
+        context_length=77,
+        vocabulary_size=49408,
+        text_hidden_dim=512,
+        text_num_layers=12,
+        text_num_heads=8,
+        text_intermediate_dim=None,
+        activation="quick_gelu",
+        layer_norm_epsilon=1e-5,
+        batch_norm_epsilon=1e-5,
+        initial_logit_scale=1 / 0.07,
+        max_logit_scale=100.0,
+        end_token_id=49407,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if vision_architecture not in ("vit", "resnet"):
+            raise ValueError(
+                "`vision_architecture` must be 'vit' or 'resnet'. "
+                f"Received: vision_architecture={vision_architecture!r}"
+            )
+        self.embed_dim = embed_dim
+        self.image_size = image_size
+        self.vision_architecture = vision_architecture
+        self.vision_num_layers = (
+            list(vision_num_layers) if vision_architecture == "resnet" else vision_num_layers
+        )
+        self.vision_hidden_dim = vision_hidden_dim
+        self.vision_num_heads = vision_num_heads
+        self.vision_patch_size = vision_patch_size
+        self.vision_intermediate_dim = vision_intermediate_dim
+        self.context_length = context_length
+        self.vocabulary_size = vocabulary_size
+        self.text_hidden_dim = text_hidden_dim
+        self.text_num_layers = text_num_layers
+        self.text_num_heads = text_num_heads
+        self.text_intermediate_dim = text_intermediate_dim
+        self.activation = activation
+        self.layer_norm_epsilon = layer_norm_epsilon
+        self.batch_norm_epsilon = batch_norm_epsilon
+        self.initial_logit_scale = initial_logit_scale
+        self.max_logit_scale = max_logit_scale
+        self.end_token_id = end_token_id
+
+        if vision_architecture == "vit":
+            self.visual = CLIPVisionTransformer(
+                embed_dim,
+                image_size=image_size,
+                patch_size=vision_patch_size,
+                hidden_dim=vision_hidden_dim,
+                num_layers=vision_num_layers,
+                num_heads=vision_num_heads,
+                intermediate_dim=vision_intermediate_dim or 4 * vision_hidden_dim,
+                activation=activation,
+                layer_norm_epsilon=layer_norm_epsilon,
+                name="visual",
+                dtype=self.dtype_policy,
+            )
+        else:
+            self.visual = CLIPModifiedResNet(
+                embed_dim,
+                image_size=image_size,
+                num_layers=vision_num_layers,
+                hidden_dim=vision_hidden_dim,
+                num_heads=vision_num_heads,
+                batch_norm_epsilon=batch_norm_epsilon,
+                name="visual",
+                dtype=self.dtype_policy,
+            )
+        self.text = CLIPTextTransformer(
+            embed_dim,
+            vocabulary_size=vocabulary_size,
+            context_length=context_length,
+            hidden_dim=text_hidden_dim,
+            num_layers=text_num_layers,
+            num_heads=text_num_heads,
+            intermediate_dim=text_intermediate_dim or 4 * text_hidden_dim,
+            activation=activation,
+            layer_norm_epsilon=layer_norm_epsilon,
+            end_token_id=end_token_id,
+            name="text",
+            dtype=self.dtype_policy,
+        )
+        self.logit_scale = LogitScale(
+            initial_logit_scale, max_logit_scale, name="logit_scale", dtype="float32"
+        )
+        self.build()
+
+    def build(self, input_shape=None):
+        if self.built:
+            return
+        self.visual.build((None, self.image_size, self.image_size, 3))
+        self.text.build((None, self.context_length))
+        self.logit_scale.build()
+        self.built = True
+
+    # -- encoders -----------------------------------------------------------------
+    def encode_image(self, images, normalize=True, training=None):
+        """Image embeddings `(B, E)`; `images` as produced by `CLIPImagePreprocessor`."""
+        features = self.visual(images, training=training)
+        return _l2_normalize(features) if normalize else features
+
+    def encode_text(self, token_ids, normalize=True, trim=False):
+        """Text embeddings `(B, E)`; `token_ids` as produced by `CLIPTokenizer`."""
+        features = self.text(token_ids, trim=trim)
+        return _l2_normalize(features) if normalize else features
+
+    def call(self, inputs, training=None):
+        image_embeddings = self.encode_image(inputs["images"], training=training)
+        text_embeddings = self.encode_text(inputs["token_ids"])
+        scale = ops.cast(self.logit_scale(), image_embeddings.dtype)
+        logits_per_image = scale * ops.matmul(image_embeddings, ops.transpose(text_embeddings))
+        return {
+            "image_embeddings": image_embeddings,
+            "text_embeddings": text_embeddings,
+            "logits_per_image": logits_per_image,
+            "logits_per_text": ops.transpose(logits_per_image),
+        }
+
+    # -- preprocessing that matches this model ------------------------------------
+    def tokenizer(self):
+        """A `CLIPTokenizer` with this model's context length."""
+        from keras_clip.preprocessing.tokenizer import CLIPTokenizer
+
+        return CLIPTokenizer(context_length=self.context_length)
+
+    def image_preprocessor(self):
+        """A `CLIPImagePreprocessor` at this model's resolution."""
+        from keras_clip.preprocessing.image_preprocessor import CLIPImagePreprocessor
+
+        return CLIPImagePreprocessor(image_size=self.image_size)
+
+    # -- config and presets -------------------------------------------------------
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "embed_dim": self.embed_dim,
+                "image_size": self.image_size,
+                "vision_architecture": self.vision_architecture,
+                "vision_num_layers": self.vision_num_layers,
+                "vision_hidden_dim": self.vision_hidden_dim,
+                "vision_num_heads": self.vision_num_heads,
+                "vision_patch_size": self.vision_patch_size,
+                "vision_intermediate_dim": self.vision_intermediate_dim,
+                "context_length": self.context_length,
+                "vocabulary_size": self.vocabulary_size,
+                "text_hidden_dim": self.text_hidden_dim,
+                "text_num_layers": self.text_num_layers,
+                "text_num_heads": self.text_num_heads,
+                "text_intermediate_dim": self.text_intermediate_dim,
+                "activation": self.activation,
+                "layer_norm_epsilon": self.layer_norm_epsilon,
+                "batch_norm_epsilon": self.batch_norm_epsilon,
+                "initial_logit_scale": self.initial_logit_scale,
+                "max_logit_scale": self.max_logit_scale,
+                "end_token_id": self.end_token_id,
+            }
+        )
+        return config
+
+    def count_params_by_tower(self):
+        """Parameter counts: `{"visual": n, "text": n, "total": n}`."""
+        visual = self.visual.count_params()
+        total = self.count_params()
+        return {"visual": visual, "text": total - visual, "total": total}
+
+    @classmethod
+    def from_preset(cls, preset, load_weights=True, **kwargs):
+        """Builds a CLIP from a preset name, a keras_clip preset folder or a checkpoint.
+
+        Args:
+            preset: one of
+                - a built-in architecture (`keras_clip.list_presets()`, e.g.
+                  `"clip_vit_b32"` or its paper name `"ViT-B/32"`), randomly initialised;
+                - a published-weights preset (e.g. `"clip_vit_b32_openai"`), downloaded
+                  from the Hugging Face Hub with `huggingface_hub`;
+                - `hf://owner/repo`: a Hugging Face repo in transformers or open_clip
+                  layout;
+                - a local keras_clip preset folder (`save_to_preset`);
+                - a local Hugging Face transformers CLIP folder (`config.json` +
+                  `model.safetensors`), or an open_clip hub folder
+                  (`open_clip_config.json` + weights);
+                - a local checkpoint file: OpenAI `.pt` (TorchScript or state dict),
+                  open_clip `.pt`/`.pth`/`.bin`/`.safetensors`. The architecture is
+                  inferred from the tensors, as OpenAI's `build_model` does.
+            load_weights: bool. If False, build the architecture only (no download).
+            **kwargs: overrides of constructor arguments, e.g. `activation="gelu"` for
+                a LAION checkpoint file (files do not record the activation) or
+                `dtype="mixed_bfloat16"`.
+
+        Returns:
+            A built `CLIP`.
+        """
+        from keras_clip import convert
+
+        return convert.load_preset(cls, preset, load_weights=load_weights, **kwargs)
+
+    def save_to_preset(self, preset_dir):
+        """Writes `config.json`, `model.weights.h5` and the tokenizer vocabulary."""
+        os.makedirs(preset_dir, exist_ok=True)
+        config = {
+            "module": "keras_clip",
+            "class_name": "CLIP",
+            "config": self.get_config(),
+            "preprocessing": {
+                "image_size": self.image_size,
+                "context_length": self.context_length,
+                "vocabulary": f"assets/{VOCABULARY_FILE}",
+            },
+        }
+        with open(os.path.join(preset_dir, CONFIG_FILE), "w") as f:
+            json.dump(config, f, indent=2)
+        self.save_weights(os.path.join(preset_dir, WEIGHTS_FILE))
+        assets = os.path.join(preset_dir, "assets")
+        os.makedirs(assets, exist_ok=True)
+        shutil.copyfile(
+            os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", VOCABULARY_FILE),
+            os.path.join(assets, VOCABULARY_FILE),
+        )
+        logging.info("Saved keras_clip preset to %s", preset_dir)
+
+
+def _l2_normalize(x):
+    x32 = ops.cast(x, "float32")
+    return ops.cast(x32 / ops.sqrt(ops.sum(x32 * x32, axis=-1, keepdims=True)), x.dtype)

@@ -1,0 +1,150 @@
+"""CLIP image tower, Vision Transformer variant."""
+import keras
+from keras import ops
+
+from keras_clip.layers.residual_attention_block import ResidualAttentionBlock
+
+
+@keras.saving.register_keras_serializable(package="keras_clip")
+class CLIPVisionTransformer(keras.layers.Layer):
+    """ViT image tower of CLIP (Dosovitskiy et al., 2020, with CLIP's changes).
+
+    Patchify convolution without bias, a class token, learned positional embedding,
+    an extra LayerNorm before the transformer (`ln_pre`, CLIP's one change to ViT),
+    pre-LayerNorm blocks, `ln_post` on the class token and a projection without bias.
+
+    Args:
+        embed_dim: int. Width of the shared space.
+        image_size: int. Input resolution (square).
+        patch_size: int. Patch side; must divide `image_size`.
+        hidden_dim: int. Transformer width.
+        num_layers: int. Depth.
+        num_heads: int. Heads (hidden_dim / 64 in the paper).
+        intermediate_dim: int. MLP width (4 * hidden_dim).
+        activation: `"quick_gelu"` or `"gelu"`.
+        layer_norm_epsilon: float. 1e-5 as in PyTorch.
+
+    Call arguments:
+        images: float `(batch, image_size, image_size, 3)`, normalised, channels last.
+
+    Returns:
+        `(batch, embed_dim)` image features (not normalised).
+
+    Example:
+    >>> tower = CLIPVisionTransformer(embed_dim=32, image_size=32, patch_size=16,
+    ...     hidden_dim=64, num_layers=1, num_heads=2, intermediate_dim=256)
+    >>> tower(keras.ops.zeros((2, 32, 32, 3))).shape
+    (2, 32)
+    """
+
+    def __init__(
+        self,
+        embed_dim,
+        image_size=224,
+        patch_size=32,
+        hidden_dim=768,
+        num_layers=12,
+        num_heads=12,
+        intermediate_dim=3072,
+        activation="quick_gelu",
+        layer_norm_epsilon=1e-5,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if patch_size <= 0 or image_size % patch_size:
+            raise ValueError(
+                "`patch_size` must be positive and divide `image_size`. "
+                f"Received: image_size={image_size}, patch_size={patch_size}"
+            )
+        self.embed_dim = embed_dim
+        self.image_size = image_size
+        self.patch_size = patch_size
+        self.hidden_dim = hidden_dim
+        self.num_layers = num_layers
+        self.num_heads = num_heads
+        self.intermediate_dim = intermediate_dim
+        self.activation = activation
+        self.layer_norm_epsilon = layer_norm_epsilon
+        self.grid_size = image_size // patch_size
+
+        self.conv1 = keras.layers.Conv2D(
+            hidden_dim, patch_size, strides=patch_size, use_bias=False, name="conv1",
+            dtype=self.dtype_policy,
+        )
+        self.ln_pre = keras.layers.LayerNormalization(
+            epsilon=layer_norm_epsilon, name="ln_pre", dtype=self.dtype_policy
+        )
+        self.resblocks = [
+            ResidualAttentionBlock(
+                hidden_dim,
+                num_heads,
+                intermediate_dim,
+                activation=activation,
+                layer_norm_epsilon=layer_norm_epsilon,
+                attention_std=hidden_dim**-0.5,
+                projection_std=hidden_dim**-0.5 * (2 * num_layers) ** -0.5,
+                mlp_std=(2 * hidden_dim) ** -0.5,
+                name=f"resblocks_{i}",
+                dtype=self.dtype_policy,
+            )
+            for i in range(num_layers)
+        ]
+        self.ln_post = keras.layers.LayerNormalization(
+            epsilon=layer_norm_epsilon, name="ln_post", dtype=self.dtype_policy
+        )
+
+    def build(self, input_shape):
+        self.conv1.build((None, self.image_size, self.image_size, 3))
+        scale = self.hidden_dim**-0.5
+        self.class_embedding = self.add_weight(
+            name="class_embedding", shape=(self.hidden_dim,),
+            initializer=keras.initializers.RandomNormal(stddev=scale),
+        )
+        self.positional_embedding = self.add_weight(
+            name="positional_embedding", shape=(self.grid_size**2 + 1, self.hidden_dim),
+            initializer=keras.initializers.RandomNormal(stddev=scale),
+        )
+        hidden_shape = (None, self.grid_size**2 + 1, self.hidden_dim)
+        self.ln_pre.build(hidden_shape)
+        for block in self.resblocks:
+            block.build(hidden_shape)
+        self.ln_post.build((None, self.hidden_dim))
+        self.proj = self.add_weight(
+            name="proj", shape=(self.hidden_dim, self.embed_dim),
+            initializer=keras.initializers.RandomNormal(stddev=scale),
+        )
+
+    def call(self, images):
+        x = self.conv1(images)  # (B, g, g, D)
+        batch = ops.shape(x)[0]
+        x = ops.reshape(x, (batch, self.grid_size**2, self.hidden_dim))  # (B, g*g, D)
+        cls = ops.broadcast_to(
+            ops.cast(self.class_embedding, x.dtype), (batch, 1, self.hidden_dim)
+        )
+        x = ops.concatenate([cls, x], axis=1)  # (B, g*g+1, D)
+        x = x + ops.cast(self.positional_embedding, x.dtype)
+        x = self.ln_pre(x)
+        for block in self.resblocks:
+            x = block(x)
+        x = self.ln_post(x[:, 0])  # (B, D)
+        return ops.matmul(x, ops.cast(self.proj, x.dtype))  # (B, E)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.embed_dim)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "embed_dim": self.embed_dim,
+                "image_size": self.image_size,
+                "patch_size": self.patch_size,
+                "hidden_dim": self.hidden_dim,
+                "num_layers": self.num_layers,
+                "num_heads": self.num_heads,
+                "intermediate_dim": self.intermediate_dim,
+                "activation": self.activation,
+                "layer_norm_epsilon": self.layer_norm_epsilon,
+            }
+        )
+        return config
