@@ -4,9 +4,11 @@ import os
 import shutil
 
 import keras
+import tensorflow as tf
 from absl import logging
 from keras import ops
 
+from keras_clip import distribute, losses
 from keras_clip.layers.logit_scale import LogitScale
 from keras_clip.models.modified_resnet import CLIPModifiedResNet
 from keras_clip.models.text_transformer import CLIPTextTransformer
@@ -161,6 +163,15 @@ class CLIP(keras.Model):
         self.logit_scale = LogitScale(
             initial_logit_scale, max_logit_scale, name="logit_scale", dtype="float32"
         )
+        # Training state that is not configuration.
+        self._jit_towers = False
+        self._encode_pair_fn = None
+        self.logits_hook = None  # called with (logits_per_image,) at trace time; for tests
+        self._trackers = {
+            name: keras.metrics.Mean(name=name)
+            for name in ("loss", "image_to_text_accuracy", "text_to_image_accuracy",
+                         "temperature", "learning_rate")
+        }
         self.build()
 
     def build(self, input_shape=None):
@@ -193,6 +204,95 @@ class CLIP(keras.Model):
             "logits_per_image": logits_per_image,
             "logits_per_text": ops.transpose(logits_per_image),
         }
+
+    # -- training -----------------------------------------------------------------
+    def compile(self, optimizer="adamw", jit_compile=False, **kwargs):
+        """Configures training. No Keras `loss`: the contrastive loss is built in.
+
+        Args:
+            optimizer: a Keras optimizer (see `keras_clip.training.create_optimizer`).
+            jit_compile: bool. XLA-compile the towers' forward and backward passes.
+                The cross-replica all-gather stays outside the compiled function (XLA
+                on CPU cannot compile collectives), so this works under every
+                `tf.distribute` strategy; Keras' whole-step compilation is disabled.
+            **kwargs: passed to `keras.Model.compile` (e.g. `steps_per_execution`).
+        """
+        if "loss" in kwargs:
+            raise ValueError("CLIP computes its contrastive loss itself; do not pass `loss`.")
+        super().compile(optimizer=optimizer, jit_compile=False, **kwargs)
+        self._jit_towers = bool(jit_compile)
+        self._encode_pair_fn = None
+
+    @property
+    def metrics(self):
+        # Our own trackers only: Keras' built-in loss tracker would report 0.0 because
+        # the custom train_step never feeds it.
+        return list(self._trackers.values())
+
+    def _encode_pair(self, images, token_ids, training):
+        if not self._jit_towers:
+            return self.encode_image(images, training=training), self.encode_text(token_ids)
+        if self._encode_pair_fn is None:
+            self._encode_pair_fn = {
+                flag: tf.function(
+                    lambda i, t, flag=flag: (self.encode_image(i, training=flag), self.encode_text(t)),
+                    jit_compile=True,
+                )
+                for flag in (True, False)
+            }
+        return self._encode_pair_fn[bool(training)](images, token_ids)
+
+    def _contrastive_step(self, data, training):
+        images, token_ids = data["images"], data["token_ids"]
+        replica_id, num_replicas = distribute.replica_info()
+        image, text = self._encode_pair(images, token_ids, training)  # (b, E) each
+        all_image = distribute.gather_with_gradient(image)  # (N, E)
+        all_text = distribute.gather_with_gradient(text)  # (N, E)
+        local_batch = tf.shape(image)[0]
+        offset = tf.cast(replica_id, tf.int32) * local_batch
+        out = losses.clip_loss(image, text, all_image, all_text, self.logit_scale(), offset)
+        if self.logits_hook is not None:
+            self.logits_hook(out["logits_per_image"])
+        return out, num_replicas
+
+    def _update_trackers(self, out):
+        self._trackers["loss"].update_state(out["loss"])
+        self._trackers["image_to_text_accuracy"].update_state(out["image_to_text_accuracy"])
+        self._trackers["text_to_image_accuracy"].update_state(out["text_to_image_accuracy"])
+        self._trackers["temperature"].update_state(1.0 / self.logit_scale())
+        lr = self.optimizer.learning_rate if self.optimizer is not None else 0.0
+        self._trackers["learning_rate"].update_state(lr)
+        return {name: tracker.result() for name, tracker in self._trackers.items()}
+
+    def train_step(self, data):
+        """One optimisation step on a batch of pairs, with negatives from every replica.
+
+        Runs once per replica (inside `strategy.run` under `fit` or a custom loop).
+        Features are all-gathered with gradient; this replica's rows are scored
+        against all N columns with labels offset by `replica_id * local_batch`. The
+        loss is divided by the number of replicas because the optimizer sums
+        gradients across replicas: the summed gradient then equals that of one
+        replica holding the whole global batch.
+
+        Args:
+            data: dict with `images` `(b, S, S, 3)` and `token_ids` `(b, T)`.
+
+        Returns:
+            dict of running means: loss, image_to_text_accuracy,
+            text_to_image_accuracy, temperature (1 / logit_scale), learning_rate.
+        """
+        with tf.GradientTape() as tape:
+            out, num_replicas = self._contrastive_step(data, training=True)
+            loss = out["loss"] / num_replicas
+            loss = self.optimizer.scale_loss(loss)
+        gradients = tape.gradient(loss, self.trainable_variables)
+        self.optimizer.apply(gradients, self.trainable_variables)
+        return self._update_trackers(out)
+
+    def test_step(self, data):
+        """The same loss and accuracies as `train_step`, without updating weights."""
+        out, _ = self._contrastive_step(data, training=False)
+        return self._update_trackers(out)
 
     # -- preprocessing that matches this model ------------------------------------
     def tokenizer(self):

@@ -1,0 +1,60 @@
+"""The symmetric contrastive (InfoNCE) loss of CLIP, on already-normalised features.
+
+No distribution code here: the caller passes its local rows and the (possibly
+gathered) full set of columns, plus the offset of its rows inside that set.
+"""
+import keras
+import tensorflow as tf
+
+
+def contrastive_logits(local_image, local_text, all_image, all_text, logit_scale):
+    """Logits of local rows against all columns.
+
+    Args:
+        local_image, local_text: `(b, E)` unit-norm features of this replica's pairs.
+        all_image, all_text: `(N, E)` features of every replica's pairs (N = global
+            batch; equal to the local tensors without replicas).
+        logit_scale: scalar, the temperature's inverse.
+
+    Returns:
+        `(logits_per_image, logits_per_text)`, each `(b, N)`.
+    """
+    scale = tf.cast(logit_scale, local_image.dtype)
+    logits_per_image = scale * tf.matmul(local_image, all_text, transpose_b=True)  # (b, N)
+    logits_per_text = scale * tf.matmul(local_text, all_image, transpose_b=True)  # (b, N)
+    return logits_per_image, logits_per_text
+
+
+def clip_loss(local_image, local_text, all_image, all_text, logit_scale, label_offset=0):
+    """Mean symmetric cross-entropy over this replica's rows.
+
+    Row i of this replica is pair `label_offset + i` of the global batch, so its
+    positive column is `label_offset + i`. The global-batch loss is the mean of this
+    value over replicas (all replicas hold the same number of rows).
+
+    Returns:
+        dict: `loss` (scalar float32), `image_to_text_accuracy` and
+        `text_to_image_accuracy` (fraction of local rows whose positive is the argmax),
+        and the two logits tensors (`logits_per_image`, `logits_per_text`).
+    """
+    logits_per_image, logits_per_text = contrastive_logits(
+        local_image, local_text, all_image, all_text, logit_scale
+    )
+    logits_per_image = tf.cast(logits_per_image, tf.float32)
+    logits_per_text = tf.cast(logits_per_text, tf.float32)
+    labels = label_offset + tf.range(tf.shape(local_image)[0])  # (b,)
+    ce = keras.losses.sparse_categorical_crossentropy
+    loss = 0.5 * (
+        tf.reduce_mean(ce(labels, logits_per_image, from_logits=True))
+        + tf.reduce_mean(ce(labels, logits_per_text, from_logits=True))
+    )
+    hit = lambda logits: tf.reduce_mean(  # noqa: E731
+        tf.cast(tf.equal(tf.argmax(logits, axis=-1, output_type=labels.dtype), labels), tf.float32)
+    )
+    return {
+        "loss": loss,
+        "image_to_text_accuracy": hit(logits_per_image),
+        "text_to_image_accuracy": hit(logits_per_text),
+        "logits_per_image": logits_per_image,
+        "logits_per_text": logits_per_text,
+    }

@@ -1,0 +1,77 @@
+"""Experiment settings for a training run (kept apart from the model's config)."""
+import dataclasses
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Settings of one training run. Every field has a default, so tests and the
+    no-flag demo run need none.
+
+    Attributes:
+        preset: model preset name or path (`CLIP.from_preset`).
+        train_data: training pairs: `demo` (generated), a TFRecord file pattern
+            (img2dataset schema), a CSV/TSV of image path + caption (with
+            `image_root`), or `tfds:NAME[/SPLIT]`.
+        val_data: validation pairs in the same forms ("" for none; `demo` for the
+            generated validation split).
+        image_root: folder the CSV's image paths are relative to.
+        global_batch_size: pairs per step across all replicas (negatives come from
+            the whole global batch).
+        epochs: passes over the training data; ignored when `steps` > 0.
+        steps: total optimisation steps (overrides `epochs`).
+        learning_rate: peak learning rate after warm-up.
+        warmup_steps: linear warm-up steps.
+        weight_decay: AdamW decoupled weight decay.
+        clipnorm: gradient clipping norm (None: off).
+        precision: `float32`, `mixed_bfloat16` or `mixed_float16` (loss scaling).
+        jit_compile: `auto` (on where a GPU is present; XLA on CPU was measured
+            slower), `true` or `false`.
+        strategy: `one_device`, `mirrored` or `multiworker` (reads TF_CONFIG).
+        model_dir: outputs: checkpoints, TensorBoard logs, config, final preset,
+            summary JSON.
+        seed: seed of weights init, shuffling and augmentation.
+        checkpoint_every: steps between checkpoints.
+        log_every: steps between TensorBoard/log lines.
+        demo_examples: size of the generated demo training set.
+        shuffle_buffer: records in the shuffle buffer.
+        max_train_seconds: stop early (after a checkpoint) when exceeded; 0 = never.
+    """
+
+    preset: str = "clip_vit_tiny"
+    train_data: str = "demo"
+    val_data: str = "demo"
+    image_root: str = ""
+    global_batch_size: int = 128
+    epochs: int = 6
+    steps: int = 0
+    learning_rate: float = 1e-3
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    clipnorm: float | None = None
+    precision: str = "float32"
+    jit_compile: str = "auto"
+    strategy: str = "one_device"
+    model_dir: str = "runs/demo"
+    seed: int = 0
+    checkpoint_every: int = 100
+    log_every: int = 10
+    demo_examples: int = 12000
+    shuffle_buffer: int = 2000
+    max_train_seconds: float = 0.0
+
+    def validate(self):
+        if self.global_batch_size <= 0:
+            raise ValueError(f"`global_batch_size` must be positive. Received: {self.global_batch_size}")
+        if self.precision not in ("float32", "mixed_bfloat16", "mixed_float16"):
+            raise ValueError(
+                "`precision` must be float32, mixed_bfloat16 or mixed_float16. "
+                f"Received: precision={self.precision!r}"
+            )
+        if self.strategy not in ("one_device", "mirrored", "multiworker"):
+            raise ValueError(
+                "`strategy` must be one_device, mirrored or multiworker. "
+                f"Received: strategy={self.strategy!r}"
+            )
+        if str(self.jit_compile).lower() not in ("auto", "true", "false"):
+            raise ValueError(f"`jit_compile` must be auto, true or false. Received: {self.jit_compile!r}")
+        return self

@@ -1,0 +1,142 @@
+"""CLIP.train_step, the loss, the optimizer and the schedule against numpy references."""
+import json
+import math
+import pathlib
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_clip import CLIP, losses
+from keras_clip.training.optimizer import WarmupCosineDecay, create_optimizer, is_weight_decayed
+
+SCRIPTS = pathlib.Path(__file__).parent / "scripts"
+TINY = dict(embed_dim=32, image_size=32, vision_architecture="vit", vision_num_layers=1,
+            vision_hidden_dim=64, vision_num_heads=2, vision_patch_size=8, context_length=12,
+            vocabulary_size=500, text_hidden_dim=64, text_num_layers=1, text_num_heads=2,
+            end_token_id=499)
+
+
+def _normalised(rng, n, d):
+    x = rng.normal(size=(n, d)).astype("float32")
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _numpy_clip_loss(image, text, scale):
+    logits = scale * image @ text.T
+    def ce(z):  # rows: softmax cross-entropy with the diagonal as targets
+        z = z - z.max(axis=1, keepdims=True)
+        return np.mean(np.log(np.exp(z).sum(axis=1)) - np.diag(z))
+    return 0.5 * (ce(logits) + ce(logits.T))
+
+
+def _batch(n, seed=0):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(1, 499, size=(n, 12))
+    for i in range(n):
+        tokens[i, 2 + i % 9] = 499
+        tokens[i, 3 + i % 9:] = 0
+    return {"images": rng.normal(size=(n, 32, 32, 3)).astype("float32"),
+            "token_ids": tokens.astype("int32")}
+
+
+def test_loss_matches_numpy_reference():
+    rng = np.random.default_rng(0)
+    image, text = _normalised(rng, 16, 24), _normalised(rng, 16, 24)
+    out = losses.clip_loss(image, text, image, text, 1 / 0.07)
+    np.testing.assert_allclose(float(out["loss"]), _numpy_clip_loss(image, text, 1 / 0.07), rtol=1e-5)
+    np.testing.assert_allclose(
+        float(out["image_to_text_accuracy"]), np.mean(np.argmax(image @ text.T, 1) == np.arange(16)))
+
+
+def test_local_rows_with_offset_average_to_global_loss():
+    rng = np.random.default_rng(1)
+    image, text = _normalised(rng, 12, 8), _normalised(rng, 12, 8)
+    halves = [
+        float(losses.clip_loss(image[s:s + 6], text[s:s + 6], image, text, 20.0, label_offset=s)["loss"])
+        for s in (0, 6)
+    ]
+    np.testing.assert_allclose(np.mean(halves), _numpy_clip_loss(image, text, 20.0), rtol=1e-5)
+
+
+def test_two_replicas_match_one_replica_holding_the_global_batch():
+    result = subprocess.run([sys.executable, str(SCRIPTS / "replica_equivalence.py")],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert figures["loss_1"] == pytest.approx(figures["loss_2"], rel=1e-5)
+    assert figures["max_grad"] > 1e-2  # the step really moved the weights
+    assert figures["max_grad_diff"] <= 1e-5
+    # Global negatives: each of 2 replicas scores its 4 rows against all 8 columns.
+    assert figures["logits_shapes_1"] == [[8, 8]]
+    assert figures["logits_shapes_2"] == [[4, 8], [4, 8]]
+
+
+def test_fit_history_reports_the_true_loss():
+    model = CLIP(**TINY)
+    data = _batch(16)
+    expected = []
+    for start in (0, 8):
+        image = np.asarray(model.encode_image(data["images"][start:start + 8]))
+        text = np.asarray(model.encode_text(data["token_ids"][start:start + 8]))
+        expected.append(_numpy_clip_loss(image, text, float(model.logit_scale())))
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate=0.0))
+    history = model.fit(tf.data.Dataset.from_tensor_slices(data).batch(8), epochs=1, verbose=0)
+    assert history.history["loss"][0] == pytest.approx(np.mean(expected), rel=1e-5)
+    assert history.history["temperature"][0] == pytest.approx(0.07, rel=1e-5)
+    assert set(history.history) == {"loss", "image_to_text_accuracy", "text_to_image_accuracy",
+                                    "temperature", "learning_rate"}
+
+
+def test_jit_compiled_towers_give_the_same_step():
+    results = []
+    for jit in (False, True):
+        keras.utils.set_random_seed(3)
+        model = CLIP(**TINY)
+        model.compile(optimizer=keras.optimizers.SGD(learning_rate=0.1), jit_compile=jit)
+        logs = model.train_step(_batch(8))
+        results.append((float(logs["loss"]), [np.asarray(v) for v in model.trainable_variables]))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
+    for a, b in zip(results[0][1], results[1][1]):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_temperature_stays_at_most_100_during_training():
+    model = CLIP(**dict(TINY, initial_logit_scale=99.0))
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate=50.0))
+    for _ in range(3):
+        model.train_step(_batch(8))
+        assert float(model.logit_scale.log_scale) <= math.log(100.0) + 1e-6
+    assert float(model.logit_scale()) <= 100.0 + 1e-4
+
+
+def test_weight_decay_skips_gains_biases_embeddings_and_temperature():
+    model = CLIP.from_preset("clip_rn_tiny")
+    optimizer = create_optimizer(model, learning_rate=0.1, weight_decay=0.5)
+    variables = model.trainable_variables
+    before = [np.asarray(v) for v in variables]
+    optimizer.apply([tf.zeros_like(v) for v in variables], variables)
+    for variable, old in zip(variables, before):
+        new = np.asarray(variable)
+        if is_weight_decayed(variable):  # decoupled decay: w <- w * (1 - lr * wd)
+            np.testing.assert_allclose(new, old * (1 - 0.1 * 0.5), rtol=1e-5, atol=1e-7)
+        else:
+            np.testing.assert_array_equal(new, old)
+    excluded = {v.path.rsplit("/", 1)[-1] for v in variables if not is_weight_decayed(v)}
+    assert excluded == {"gamma", "beta", "bias", "embeddings", "positional_embedding", "log_scale"}
+    assert optimizer.beta_2 == 0.98 and optimizer.epsilon == 1e-8  # ResNet epsilon
+
+
+def test_warmup_cosine_schedule_matches_formula():
+    schedule = WarmupCosineDecay(1e-3, warmup_steps=10, total_steps=110)
+    for step in (0, 4, 9, 10, 35, 60, 109, 200):
+        if step < 10:
+            expected = 1e-3 * (step + 1) / 10
+        else:
+            expected = 0.5 * 1e-3 * (1 + math.cos(math.pi * min((step - 10) / 100, 1.0)))
+        assert float(schedule(step)) == pytest.approx(expected, rel=1e-5, abs=1e-9)
+    restored = WarmupCosineDecay.from_config(schedule.get_config())
+    assert float(restored(35)) == float(schedule(35))
