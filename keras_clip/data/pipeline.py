@@ -1,0 +1,702 @@
+"""`tf.data` input pipelines for CLIP training and evaluation.
+
+Every reader returns a `tf.data.Dataset` of dicts
+
+    {"images": float32 (B, S, S, 3), normalised,
+     "token_ids": int32 (B, T)}
+
+(plus `"keys"`, tf.string (B,), with `return_keys=True`), built from the same
+stages, with no Python in the per-example path:
+
+    source records (per-worker shard)
+      -> [training] zip with a per-element random seed, shuffle encoded records
+      -> skip(skip_records)
+      -> parse, pick a caption, drop blank captions and non-images  (parallel)
+      -> decode + augment (training) or CLIPImagePreprocessor (eval) (parallel)
+      -> ignore_errors()  (drops images that fail to decode)
+      -> batch -> tokenize (CLIPTokenizer, on the batch) -> prefetch
+
+Randomness. With `seed` set, everything is reproducible: the file order, the
+record order, the caption picked for each multi-caption image and the crop. The
+per-element seed is drawn from `tf.data.Dataset.random` *before* the shuffle, so
+it travels with its record: a run resumed with `skip_records` sees the same
+remaining examples with the same captions and crops. Each new iteration over the
+same dataset object (a Keras epoch) reshuffles and redraws, reproducibly; a new
+dataset object starts again from the first stream. A trainer that wants to
+resume in the middle of epoch `e` should therefore build one dataset per epoch
+with a per-epoch seed (say `seed + e`) and `skip_records`.
+
+Bad records never reach the model and never stop training; see
+`PipelineCounters` for how they are counted.
+"""
+
+import os
+
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from keras_clip.data import augment
+from keras_clip.data import shards
+from keras_clip.preprocessing.image_preprocessor import OPENAI_MEAN
+from keras_clip.preprocessing.image_preprocessor import OPENAI_STD
+from keras_clip.preprocessing.image_preprocessor import CLIPImagePreprocessor
+from keras_clip.preprocessing.tokenizer import CLIPTokenizer
+
+DEFAULT_SHUFFLE_BUFFER = 5000
+
+# TFRecord features that may hold the image: img2dataset names the feature after
+# its encode format. The first non-empty one is used.
+_IMAGE_FEATURES = (shards.IMAGE_FEATURE, "jpeg", "png", "webp")
+
+# Signatures of the formats the decoder accepts: (offset, bytes).
+_SIGNATURES = (
+    ((0, b"\xff\xd8\xff"),),  # JPEG
+    ((0, b"\x89PNG\r\n\x1a\n"),),  # PNG
+    ((0, b"GIF87a"),),  # GIF
+    ((0, b"GIF89a"),),
+    ((0, b"BM"),),  # BMP
+    ((0, b"RIFF"), (8, b"WEBP")),  # WebP
+)
+_SIGNATURE_LENGTH = 12
+
+# Python's `str.isspace` characters, so "blank" means what `str.strip()` empties.
+_BLANK_PATTERN = (
+    r"[\t\n\x{0b}\f\r\x{1c}-\x{1f} \x{85}\x{a0}\x{1680}\x{2000}-\x{200a}"
+    r"\x{2028}\x{2029}\x{202f}\x{205f}\x{3000}]*"
+)
+
+# Purposes of the seeds derived from `seed`.
+_FILE_SHUFFLE, _RECORD_SHUFFLE, _ELEMENT_SEEDS = 0, 1, 2
+
+# Interleaving this many files at once; fixed (not AUTOTUNE) so the record order
+# for a given seed does not depend on the machine's core count.
+_MAX_CYCLE_LENGTH = 16
+
+_COUNTER_NAMES = ("records_read", "empty_captions", "not_images", "decode_failures", "examples_out")
+
+
+# --------------------------------------------------------------------------
+# Counters
+# --------------------------------------------------------------------------
+
+
+class PipelineCounters:
+    """Counts of what an input pipeline read, dropped and delivered.
+
+    Holds int64 `tf.Variable`s that the dataset functions increment with
+    `assign_add` while the pipeline runs. Counts accumulate over every iteration
+    of every dataset given this object (call `reset()` between epochs for
+    per-epoch counts); each worker of a multi-worker job has its own.
+
+    * `records_read`: records that entered parsing, after `skip_records`.
+    * `empty_captions`: records dropped because no caption is left after
+      removing blank (empty or whitespace-only) ones.
+    * `not_images`: records dropped because their bytes start with no JPEG,
+      PNG, GIF, BMP or WebP signature.
+    * `decode_failures`: records that entered decoding minus those that left it
+      (an image with a valid signature whose decoding or augmentation failed,
+      e.g. a truncated JPEG; such elements are dropped by
+      `Dataset.ignore_errors()`). Exact once the dataset is drained; mid-epoch
+      it also counts the elements still being decoded by the parallel map
+      (at most its AUTOTUNE parallelism), so it can overcount by that much.
+    * `examples_out`: examples in the batches the pipeline produced.
+
+    Once a dataset is drained, `records_read == empty_captions + not_images +
+    decode_failures + examples_out + dropped`, where `dropped` is the remainder
+    that `drop_remainder=True` leaves out of the last training batch (fewer
+    than one batch).
+
+    The same `ignore_errors()` also drops, uncounted, whatever fails before the
+    signature check: a TFRecord entry that does not parse, an image file that
+    disappeared since `csv_dataset` was built, and the rest of a truncated or
+    corrupt TFRecord shard (reading stops at the damage; other shards go on).
+
+    Create it outside any `tf.distribute.Strategy.scope()`: the counters are
+    host-side bookkeeping, not model state.
+
+    Example:
+
+    >>> counters = PipelineCounters()
+    >>> dataset = tfrecord_dataset("shards/*.tfrecord", batch_size=32, counters=counters)
+    >>> for batch in dataset:
+    ...     pass
+    >>> counters.as_dict()["decode_failures"]
+    0
+    """
+
+    def __init__(self):
+        if tf.distribute.has_strategy():
+            raise ValueError(
+                "Create `PipelineCounters` outside `strategy.scope()`: its variables "
+                "are updated by tf.data on the host and must not be mirrored."
+            )
+        with tf.init_scope(), tf.device("/cpu:0"):
+            def counter(name):
+                return tf.Variable(0, dtype=tf.int64, trainable=False, name=name)
+
+            self.records_read = counter("records_read")
+            self.empty_captions = counter("empty_captions")
+            self.not_images = counter("not_images")
+            self.examples_out = counter("examples_out")
+            self.decode_attempts = counter("decode_attempts")
+            self.decoded = counter("decoded")
+
+    @property
+    def decode_failures(self):
+        """int64 tensor: `decode_attempts - decoded` (see the class docstring)."""
+        return self.decode_attempts - self.decoded
+
+    def as_dict(self):
+        """The five counts as a dict of Python ints, in a fixed order."""
+        return {name: int(getattr(self, name).numpy()) for name in _COUNTER_NAMES}
+
+    def reset(self):
+        """Sets every counter to zero."""
+        for variable in (
+            self.records_read,
+            self.empty_captions,
+            self.not_images,
+            self.examples_out,
+            self.decode_attempts,
+            self.decoded,
+        ):
+            variable.assign(0)
+
+
+def _add(counters, name, amount):
+    """`counters.<name> += amount` as an op; a no-op without counters."""
+    if counters is None:
+        return tf.no_op()
+    return getattr(counters, name).assign_add(tf.cast(amount, tf.int64))
+
+
+# --------------------------------------------------------------------------
+# Per-element helpers
+# --------------------------------------------------------------------------
+
+
+def looks_like_image(image_bytes):
+    """Whether scalar `tf.string` bytes start with a JPEG/PNG/GIF/BMP/WebP signature.
+
+    Reads only the first 12 bytes, so it is cheap to run before decoding.
+
+    Args:
+        image_bytes: scalar `tf.string`.
+
+    Returns:
+        Scalar `tf.bool`.
+    """
+    head = tf.strings.substr(image_bytes, 0, _SIGNATURE_LENGTH)
+    head = tf.strings.substr(tf.strings.join([head, b"\0" * _SIGNATURE_LENGTH]), 0, _SIGNATURE_LENGTH)
+    head = tf.io.decode_raw(head, tf.uint8)  # (12,)
+    matches = []
+    for parts in _SIGNATURES:
+        checks = [
+            tf.reduce_all(tf.equal(head[offset : offset + len(sig)], tf.constant(list(sig), tf.uint8)))
+            for offset, sig in parts
+        ]
+        matches.append(tf.reduce_all(tf.stack(checks)))
+    return tf.reduce_any(tf.stack(matches))
+
+
+def _choose_caption(captions, seed, training):
+    """One non-blank caption of `captions` (1-D): uniform (training) or the first.
+
+    Returns:
+        `(caption, found)`: scalar tf.string (empty when none) and tf.bool.
+    """
+    kept = tf.boolean_mask(captions, ~tf.strings.regex_full_match(captions, _BLANK_PATTERN))  # (n,)
+    count = tf.size(kept)
+    if training:
+        index = tf.random.stateless_uniform([], seed, 0, tf.maximum(count, 1), dtype=tf.int32)
+    else:
+        index = tf.constant(0)
+    caption = tf.concat([kept, tf.constant([""])], axis=0)[index]
+    return caption, count > 0
+
+
+def _derive_seed(seed, purpose):
+    """An independent 31-bit seed for one purpose; None without a seed."""
+    if seed is None:
+        return None
+    state = np.random.SeedSequence([seed, purpose]).generate_state(1)[0]
+    return int(state) & 0x7FFFFFFF
+
+
+# --------------------------------------------------------------------------
+# The shared pipeline
+# --------------------------------------------------------------------------
+
+
+def _validate(batch_size, image_size, context_length, seed, shuffle_buffer, skip_records):
+    for name, value, minimum in (
+        ("batch_size", batch_size, 1),
+        ("image_size", image_size, 1),
+        ("context_length", context_length, 2),
+        ("shuffle_buffer", shuffle_buffer, 1),
+        ("skip_records", skip_records, 0),
+    ):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+            raise ValueError(f"`{name}` must be an integer >= {minimum}. Received: {name}={value!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
+        raise ValueError(f"`seed` must be None or a non-negative integer. Received: seed={seed!r}")
+
+
+def _sharding(input_context, batch_size):
+    """`(num_pipelines, pipeline_id, per_replica_batch_size)`."""
+    if input_context is None:
+        return 1, 0, batch_size
+    return (
+        input_context.num_input_pipelines,
+        input_context.input_pipeline_id,
+        input_context.get_per_replica_batch_size(batch_size),
+    )
+
+
+def _build_pipeline(
+    source,
+    extract,
+    *,
+    batch_size,
+    image_size,
+    context_length,
+    training,
+    seed,
+    shuffle_buffer,
+    skip_records,
+    counters,
+    mean,
+    std,
+    scale,
+    return_keys,
+    element_shards=(1, 0),
+):
+    """Everything after the source; see the module docstring.
+
+    Args:
+        source: `tf.data.Dataset` of raw per-worker records.
+        extract: function of one record -> `(image_bytes, captions, key)`: scalar
+            tf.string, 1-D tf.string, scalar tf.string. May read files.
+        batch_size: per-replica batch size.
+        element_shards: `(num_pipelines, pipeline_id)` when sharding by element.
+            Records are dealt out in blocks of `batch_size` *after* the per-element
+            seeds and the shuffle, so with equal seeds every step's global batch
+            holds exactly the examples (and crops, and captions) that one process
+            reading everything with the global batch size would put in it.
+        (others: as in `tfrecord_dataset`.)
+    """
+    if element_shards[0] > 1 and seed is None:
+        # Every pipeline must shuffle identically before dealing out blocks.
+        seed = 0
+        logging.info("Sharding by element without a seed: using seed 0 on every pipeline.")
+    deterministic = seed is not None or not training
+    parallel = dict(num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
+    preprocessor = CLIPImagePreprocessor(image_size=image_size, mean=mean, std=std, dtype="float32")
+    tokenizer = CLIPTokenizer(context_length=context_length)
+
+    if training:
+        element_seeds = tf.data.Dataset.random(
+            seed=_derive_seed(seed, _ELEMENT_SEEDS), rerandomize_each_iteration=True
+        )
+        dataset = tf.data.Dataset.zip((source, element_seeds))
+        dataset = dataset.shuffle(
+            shuffle_buffer, seed=_derive_seed(seed, _RECORD_SHUFFLE), reshuffle_each_iteration=True
+        )
+    else:
+        dataset = source.map(lambda record: (record, tf.constant(0, tf.int64)))
+    num_shards, shard_id = element_shards
+    if num_shards > 1:
+        dataset = dataset.batch(batch_size).shard(num_shards, shard_id).unbatch()
+    if skip_records:
+        dataset = dataset.skip(skip_records)
+
+    def parse(record, element_seed):
+        caption_seed, crop_seed = tf.unstack(
+            tf.random.experimental.stateless_split(tf.stack([element_seed, tf.constant(0, tf.int64)]), 2)
+        )
+        image_bytes, captions, key = extract(record)
+        caption, has_caption = _choose_caption(tf.reshape(captions, [-1]), caption_seed, training)
+        is_image = looks_like_image(image_bytes)
+        updates = [
+            _add(counters, "records_read", 1),
+            _add(counters, "empty_captions", tf.cast(~has_caption, tf.int64)),
+            _add(counters, "not_images", tf.cast(has_caption & ~is_image, tf.int64)),
+        ]
+        with tf.control_dependencies(updates):
+            keep = tf.identity(has_caption & is_image)
+        return {"image_bytes": image_bytes, "caption": caption, "key": key, "seed": crop_seed, "keep": keep}
+
+    def decode(example):
+        # The attempt is counted before decoding starts, so that a failing
+        # decode (dropped by ignore_errors) has still been counted.
+        with tf.control_dependencies([_add(counters, "decode_attempts", 1)]):
+            image_bytes = tf.identity(example["image_bytes"])
+        if training:
+            image = augment.train_transform(image_bytes, example["seed"], preprocessor, scale=scale)
+        else:
+            image = preprocessor(image_bytes)
+        return {"images": image, "captions": example["caption"], "keys": example["key"]}
+
+    def count_decoded(example):
+        with tf.control_dependencies([_add(counters, "decoded", 1)]):
+            return {name: tf.identity(value) for name, value in example.items()}
+
+    def tokenize(batch):
+        token_ids = tokenizer(batch["captions"])  # (B, T)
+        with tf.control_dependencies([_add(counters, "examples_out", tf.shape(token_ids)[0])]):
+            outputs = {"images": tf.identity(batch["images"]), "token_ids": tf.identity(token_ids)}
+        if return_keys:
+            outputs["keys"] = batch["keys"]
+        return outputs
+
+    dataset = dataset.map(parse, **parallel)
+    dataset = dataset.filter(lambda example: example["keep"])
+    dataset = dataset.map(decode, **parallel)
+    dataset = dataset.ignore_errors()
+    dataset = dataset.map(count_decoded)
+    dataset = dataset.batch(batch_size, drop_remainder=training, **parallel)
+    dataset = dataset.map(tokenize, **parallel)
+    return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+# --------------------------------------------------------------------------
+# Readers
+# --------------------------------------------------------------------------
+
+
+_COMMON_ARGS_DOC = """
+        batch_size: int, the global batch size; with `input_context`, each
+            pipeline batches `input_context.get_per_replica_batch_size(batch_size)`.
+        image_size: int, side of the square output images.
+        context_length: int, token sequence length.
+        training: bool. True: shuffle records, pick a random caption per
+            multi-caption image, RandomResizedCrop(scale) + normalise, and drop
+            the last partial batch. False: keep the record order, take each
+            image's first non-blank caption, preprocess exactly as
+            `CLIPImagePreprocessor` (resize, center crop, normalise), keep the
+            last partial batch. Neither mode repeats.
+        seed: optional non-negative int. With a seed, record order, captions and
+            crops are reproducible and the parallel maps are deterministic.
+        shuffle_buffer: int, records in the shuffle buffer (encoded, so memory
+            is about `shuffle_buffer` times the mean file size).
+        input_context: optional `tf.distribute.InputContext`; the pipeline then
+            reads its share (by file when there are at least
+            `num_input_pipelines` files, else by element).
+        skip_records: int, records to skip after shuffling and before parsing
+            (so skipping is cheap), to resume mid-epoch: with the same `seed`,
+            the first iteration is the rest of the first iteration of a dataset
+            built without skipping. These are records, not examples: records
+            later dropped as bad count too. Skipped records are not counted in
+            `counters`.
+        counters: optional `PipelineCounters` to update.
+        mean: 3 floats, normalisation mean (OpenAI's by default).
+        std: 3 floats, normalisation standard deviation (OpenAI's by default).
+        scale: `(low, high)` crop area range of the training RandomResizedCrop.
+        return_keys: bool, also return `"keys"`, tf.string `(B,)`.
+"""
+
+
+def _doc(function):
+    """Fills the shared keyword arguments into a reader's docstring."""
+    if function.__doc__ is not None:  # None under `python -OO`.
+        function.__doc__ = function.__doc__.replace("        {common_args}\n", _COMMON_ARGS_DOC.lstrip("\n"))
+    return function
+
+
+def _resolve_files(file_pattern_or_list):
+    patterns = [file_pattern_or_list] if isinstance(file_pattern_or_list, (str, os.PathLike)) else file_pattern_or_list
+    files = []
+    for pattern in patterns:
+        files.extend(sorted(tf.io.gfile.glob(os.fspath(pattern))))
+    files = list(dict.fromkeys(files))
+    if not files:
+        raise ValueError(f"No files match `file_pattern_or_list`. Received: {file_pattern_or_list!r}")
+    return files
+
+
+def _parse_tfrecord(serialized):
+    features = {name: tf.io.FixedLenFeature([], tf.string, default_value="") for name in _IMAGE_FEATURES}
+    features[shards.CAPTION_FEATURE] = tf.io.FixedLenFeature([], tf.string, default_value="")
+    features[shards.KEY_FEATURE] = tf.io.FixedLenFeature([], tf.string, default_value="")
+    features[shards.CAPTIONS_FEATURE] = tf.io.VarLenFeature(tf.string)
+    parsed = tf.io.parse_single_example(serialized, features)
+    image_bytes = parsed[_IMAGE_FEATURES[-1]]
+    for name in reversed(_IMAGE_FEATURES[:-1]):
+        image_bytes = tf.where(tf.strings.length(parsed[name]) > 0, parsed[name], image_bytes)
+    captions = tf.sparse.to_dense(parsed[shards.CAPTIONS_FEATURE])  # (n,)
+    captions = tf.cond(
+        tf.size(captions) > 0,
+        lambda: captions,
+        lambda: tf.reshape(parsed[shards.CAPTION_FEATURE], [1]),
+    )
+    return image_bytes, captions, parsed[shards.KEY_FEATURE]
+
+
+@_doc
+def tfrecord_dataset(
+    file_pattern_or_list,
+    *,
+    batch_size,
+    image_size=224,
+    context_length=77,
+    training=True,
+    seed=None,
+    shuffle_buffer=DEFAULT_SHUFFLE_BUFFER,
+    input_context=None,
+    skip_records=0,
+    counters=None,
+    mean=OPENAI_MEAN,
+    std=OPENAI_STD,
+    scale=augment.DEFAULT_SCALE,
+    return_keys=False,
+):
+    """Image-caption batches from TFRecord shards in img2dataset's schema.
+
+    Reads `jpg` (or img2dataset's `jpeg`/`png`/`webp`), `txt`, `key` and the
+    optional `txts` list (see `keras_clip.data.shards`); with `txts`, one of the
+    image's captions is drawn per image per epoch. In training the file order is
+    shuffled too (except when sharding by element, where every worker must read
+    the files in the same order).
+
+    Args:
+        file_pattern_or_list: a glob pattern, a path, or a list of either.
+        {common_args}
+
+    Returns:
+        `tf.data.Dataset` of `{"images": float32 (B, S, S, 3), "token_ids":
+        int32 (B, T)}` (and `"keys"` with `return_keys`).
+
+    Example:
+
+    >>> dataset = tfrecord_dataset("/data/flickr8k_train/*.tfrecord",
+    ...                            batch_size=128, seed=0)
+    >>> batch = next(iter(dataset))
+    >>> batch["images"].shape, batch["token_ids"].shape
+    (TensorShape([128, 224, 224, 3]), TensorShape([128, 77]))
+    """
+    _validate(batch_size, image_size, context_length, seed, shuffle_buffer, skip_records)
+    files = _resolve_files(file_pattern_or_list)
+    num_pipelines, pipeline_id, per_replica_batch = _sharding(input_context, batch_size)
+    by_file = num_pipelines > 1 and len(files) >= num_pipelines
+    by_element = num_pipelines > 1 and not by_file
+    if by_file:
+        files = files[pipeline_id::num_pipelines]
+    logging.info(
+        "tfrecord_dataset: %d files for pipeline %d/%d (sharded by %s), per-replica batch %d, training=%s, seed=%s",
+        len(files), pipeline_id, num_pipelines, "element" if by_element else "file", per_replica_batch,
+        training, seed,
+    )
+    source = tf.data.Dataset.from_tensor_slices(files)
+    if training and not by_element and len(files) > 1:
+        source = source.shuffle(
+            len(files), seed=_derive_seed(seed, _FILE_SHUFFLE), reshuffle_each_iteration=True
+        )
+    source = source.interleave(
+        tf.data.TFRecordDataset,
+        cycle_length=min(len(files), _MAX_CYCLE_LENGTH),
+        block_length=1,
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=by_element or seed is not None or not training,
+    )
+    return _build_pipeline(
+        source, _parse_tfrecord, batch_size=per_replica_batch, image_size=image_size,
+        context_length=context_length, training=training, seed=seed,
+        shuffle_buffer=shuffle_buffer, skip_records=skip_records, counters=counters, mean=mean, std=std,
+        scale=scale, return_keys=return_keys,
+        element_shards=(num_pipelines, pipeline_id) if by_element else (1, 0),
+    )
+
+
+@_doc
+def csv_dataset(
+    csv_path,
+    image_root,
+    *,
+    batch_size,
+    image_column="image",
+    caption_column="caption",
+    delimiter=None,
+    group_by_image=True,
+    split_column=None,
+    split=None,
+    image_size=224,
+    context_length=77,
+    training=True,
+    seed=None,
+    shuffle_buffer=DEFAULT_SHUFFLE_BUFFER,
+    input_context=None,
+    skip_records=0,
+    counters=None,
+    mean=OPENAI_MEAN,
+    std=OPENAI_STD,
+    scale=augment.DEFAULT_SCALE,
+    return_keys=False,
+):
+    """Image-caption batches read straight from a CSV/TSV and an image folder.
+
+    The table is read once, in Python, when the dataset is built (same rules as
+    `shards.convert_csv`: caption grouping, blank captions removed); image
+    files that do not exist are left out then and logged. The per-record
+    captions and paths become graph constants, so this reader suits small sets
+    (up to some hundred thousand rows); convert larger ones to TFRecords.
+    Records are shuffled as indices, so files are only read after the shuffle
+    and `skip_records`. Sharding with `input_context` is always by element.
+
+    Args:
+        csv_path: path of a `.csv` or `.tsv` file with a header row.
+        image_root: folder the image column is relative to.
+        image_column: column holding the image file name.
+        caption_column: column holding the caption.
+        delimiter: field delimiter; `None`: tab for `.tsv`, comma otherwise.
+        group_by_image: one record per image with all its captions (one drawn
+            per epoch in training) rather than one record per row.
+        split_column: optional column to filter rows on (Flickr8k: `"split"`).
+        split: value of `split_column` to keep.
+        {common_args}
+
+    Returns:
+        `tf.data.Dataset` of `{"images": float32 (B, S, S, 3), "token_ids":
+        int32 (B, T)}` (and `"keys"` with `return_keys`).
+    """
+    _validate(batch_size, image_size, context_length, seed, shuffle_buffer, skip_records)
+    records, counts = shards.read_caption_table(
+        os.fspath(csv_path), image_column=image_column, caption_column=caption_column, delimiter=delimiter,
+        group_by_image=group_by_image, split_column=split_column, split=split,
+    )
+    paths = [os.path.join(image_root, name) for _, name, _ in records]
+    exists = [tf.io.gfile.exists(path) for path in paths]
+    missing = exists.count(False)
+    if missing:
+        logging.warning("csv_dataset: %d of %d image files not found; they are skipped.", missing, len(paths))
+    records = [record for record, found in zip(records, exists) if found]
+    paths = [path for path, found in zip(paths, exists) if found]
+    if not records:
+        raise ValueError(f"No usable records in {csv_path} (counts: {counts}, missing images: {missing}).")
+    num_pipelines, pipeline_id, per_replica_batch = _sharding(input_context, batch_size)
+    logging.info(
+        "csv_dataset: %d records (%s) for pipeline %d/%d, per-replica batch %d, training=%s, seed=%s",
+        len(records), counts, pipeline_id, num_pipelines, per_replica_batch, training, seed,
+    )
+    keys = tf.constant([key for key, _, _ in records])
+    path_table = tf.constant(paths)
+    flat_captions = tf.constant([caption for _, _, captions in records for caption in captions])
+    row_splits = tf.constant(np.cumsum([0] + [len(captions) for _, _, captions in records]), tf.int64)
+
+    def extract(index):
+        captions = flat_captions[row_splits[index] : row_splits[index + 1]]
+        return tf.io.read_file(path_table[index]), captions, keys[index]
+
+    source = tf.data.Dataset.range(len(records))
+    return _build_pipeline(
+        source, extract, batch_size=per_replica_batch, image_size=image_size,
+        context_length=context_length, training=training, seed=seed,
+        shuffle_buffer=shuffle_buffer, skip_records=skip_records, counters=counters, mean=mean, std=std,
+        scale=scale, return_keys=return_keys,
+        element_shards=(num_pipelines, pipeline_id),
+    )
+
+
+def _default_caption_key(name, features):
+    if name.split("/")[0].split(":")[0] == "coco_captions":
+        return "captions/text"
+    for candidate in ("caption", "text"):
+        if candidate in features:
+            return candidate
+    raise ValueError(
+        f"Cannot tell the caption feature of TFDS dataset {name!r}; pass `caption_key`. "
+        f"Available features: {sorted(features)}"
+    )
+
+
+def _get_nested(element, path):
+    for part in path.split("/"):
+        element = element[part]
+    return element
+
+
+@_doc
+def tfds_dataset(
+    name,
+    split,
+    data_dir=None,
+    *,
+    batch_size,
+    image_key="image",
+    caption_key=None,
+    image_size=224,
+    context_length=77,
+    training=True,
+    seed=None,
+    shuffle_buffer=DEFAULT_SHUFFLE_BUFFER,
+    input_context=None,
+    skip_records=0,
+    counters=None,
+    mean=OPENAI_MEAN,
+    std=OPENAI_STD,
+    scale=augment.DEFAULT_SCALE,
+    return_keys=False,
+):
+    """Image-caption batches from an already prepared TFDS dataset.
+
+    The image feature is read undecoded (`tfds.decode.SkipDecoding`) and goes
+    through the same decode/augment path as the other readers; the TFDS example
+    id (`tfds_id`) serves as the key. Nothing is downloaded or prepared: the
+    dataset must already be in `data_dir`.
+
+    Args:
+        name: TFDS name, e.g. `"coco_captions"` or `"my_set:1.0.0"`.
+        split: split name or TFDS split expression (`"train[:10%]"`).
+        data_dir: TFDS data folder (`None`: TFDS's default).
+        image_key: feature holding the image (`tfds.features.Image`).
+        caption_key: feature holding the caption(s), `/` for nested features;
+            a scalar or a sequence of strings. `None`: `"captions/text"` for
+            coco_captions, else `"caption"` or `"text"`, whichever exists.
+        {common_args}
+
+    Returns:
+        `tf.data.Dataset` of `{"images": float32 (B, S, S, 3), "token_ids":
+        int32 (B, T)}` (and `"keys"` with `return_keys`).
+    """
+    import tensorflow_datasets as tfds
+
+    _validate(batch_size, image_size, context_length, seed, shuffle_buffer, skip_records)
+    builder = tfds.builder(name, data_dir=data_dir)
+    features = builder.info.features
+    if caption_key is None:
+        caption_key = _default_caption_key(name, features.keys())
+    if image_key not in features:
+        raise ValueError(f"`image_key` {image_key!r} is not a feature of {name}. Available: {sorted(features)}")
+    num_pipelines, pipeline_id, per_replica_batch = _sharding(input_context, batch_size)
+    num_files = builder.info.splits[split].num_shards
+    by_file = num_pipelines > 1 and num_files >= num_pipelines
+    by_element = num_pipelines > 1 and not by_file
+    logging.info(
+        "tfds_dataset(%s, %s): %d files, pipeline %d/%d (sharded by %s), per-replica batch %d, "
+        "image_key=%s, caption_key=%s, training=%s, seed=%s",
+        name, split, num_files, pipeline_id, num_pipelines, "element" if by_element else "file",
+        per_replica_batch, image_key, caption_key, training, seed,
+    )
+    read_config = tfds.ReadConfig(
+        shuffle_seed=_derive_seed(seed, _FILE_SHUFFLE),
+        input_context=input_context if by_file else None,
+        add_tfds_id=True,
+        try_autocache=False,
+    )
+    source = builder.as_dataset(
+        split=split,
+        decoders={image_key: tfds.decode.SkipDecoding()},
+        shuffle_files=training and not by_element,
+        read_config=read_config,
+    )
+    def extract(element):
+        captions = tf.reshape(_get_nested(element, caption_key), [-1])
+        return element[image_key], captions, element["tfds_id"]
+
+    return _build_pipeline(
+        source, extract, batch_size=per_replica_batch, image_size=image_size,
+        context_length=context_length, training=training, seed=seed,
+        shuffle_buffer=shuffle_buffer, skip_records=skip_records, counters=counters, mean=mean, std=std,
+        scale=scale, return_keys=return_keys,
+        element_shards=(num_pipelines, pipeline_id) if by_element else (1, 0),
+    )
