@@ -11,7 +11,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["keras_clip", "keras_clip.*"]),
-    package_data={"keras_clip": ["assets/*"]},
+    package_data={"keras_clip": ["assets/*"], "keras_clip.zero_shot_data": ["*.json", "README.md"]},
     install_requires=[
         "tensorflow>=2.20,<2.22",
         "keras>=3.10,<4",
