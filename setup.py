@@ -19,6 +19,7 @@ setup(
         "tensorflow-text>=2.20,<2.22",
         "tensorflow-datasets>=4.9",
         "tensorflow-serving-api>=2.20,<2.22",
+        "tensorboard>=2.20",
         "absl-py>=2.0",
         "numpy",
         "safetensors>=0.4",
