@@ -42,10 +42,10 @@ class TrainConfig:
     val_data: str = "demo"
     image_root: str = ""
     global_batch_size: int = 128
-    epochs: int = 6
+    epochs: int = 3
     steps: int = 0
     learning_rate: float = 1e-3
-    warmup_steps: int = 50
+    warmup_steps: int = 30
     weight_decay: float = 0.1
     clipnorm: float | None = None
     precision: str = "float32"
@@ -55,7 +55,7 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 100
     log_every: int = 10
-    demo_examples: int = 12000
+    demo_examples: int = 8000
     shuffle_buffer: int = 2000
     max_train_seconds: float = 0.0
 

@@ -149,7 +149,7 @@ def evaluate_demo_zero_shot(model, model_dir):
     from keras_clip import demo_data
     from keras_clip.zero_shot import ZeroShotClassifier
 
-    images, labels, class_names, templates = demo_data.load_zero_shot_split(
+    images, labels, class_names, templates = demo_data.read_demo_zero_shot_split(
         os.path.join(model_dir, "demo_data")
     )
     classifier = ZeroShotClassifier(model, class_names, templates=templates)
@@ -255,13 +255,14 @@ def run(config=None, strategy=None, step_callback=None):
 
         def dataset_fn(input_context, epoch=epoch, skip=step_in_epoch):
             per_replica = input_context.get_per_replica_batch_size(config.global_batch_size)
-            per_worker_records = skip * per_replica * max(
+            replicas_per_pipeline = max(
                 input_context.num_replicas_in_sync // input_context.num_input_pipelines, 1)
             return make_dataset(
                 train_spec, image_size=model.image_size, context_length=model.context_length,
-                batch_size=per_replica, training=True, seed=config.seed + epoch,
+                batch_size=config.global_batch_size, training=True, seed=config.seed + epoch,
                 image_root=config.image_root, shuffle_buffer=config.shuffle_buffer,
-                input_context=input_context, skip_records=per_worker_records, counters=counters,
+                input_context=input_context,
+                skip_records=skip * per_replica * replicas_per_pipeline, counters=counters,
             ).repeat()
 
         iterator = iter(strategy.distribute_datasets_from_function(dataset_fn))
