@@ -188,7 +188,8 @@ def test_convert_webdataset_reads_jpg_jpeg_and_png_samples(tmp_path, flickr8k_di
 # --------------------------------------------------------------------------
 
 
-def test_bad_records_are_dropped_and_counted_exactly(tmp_path, flickr8k_dir, flickr_subset):
+@pytest.mark.parametrize("truncated_last", [False, True], ids=["truncated_mid_stream", "truncated_last"])
+def test_bad_records_are_dropped_and_counted_exactly(tmp_path, flickr8k_dir, flickr_subset, truncated_last):
     names, _, captions = flickr_subset
     good = []
     for name in names[:5]:
@@ -201,17 +202,39 @@ def test_bad_records_are_dropped_and_counted_exactly(tmp_path, flickr8k_dir, fli
         ("random_bytes", b"garbage" + np.random.default_rng(0).bytes(5000), ["Not an image ."]),
         ("empty_caption", real, [" \t "]),
     ]
-    examples = good[:2] + bad[:1] + good[2:4] + bad[1:] + good[4:]
-    paths = shards.write_shards(examples, str(tmp_path), examples_per_shard=4)
+    if truncated_last:
+        # One shard, no shuffling: the truncated JPEG is the last record of the
+        # stream, so no good image comes out of the decoder after it.
+        examples = good[:2] + bad[1:] + good[2:] + bad[:1]
+        paths = shards.write_shards(examples, str(tmp_path), examples_per_shard=len(examples))
+        options = dict(shuffle_buffer=1)
+    else:
+        examples = good[:2] + bad[:1] + good[2:4] + bad[1:] + good[4:]
+        paths = shards.write_shards(examples, str(tmp_path), examples_per_shard=4)
+        options = {}
     counters = pipeline.PipelineCounters()
 
-    result = _drain(_train_dataset(paths, batch_size=2, seed=3, counters=counters))
+    result = _drain(_train_dataset(paths, batch_size=2, seed=3, counters=counters, **options))
 
     assert sorted(result["keys"]) == sorted(key.encode() for key, _, _ in good)
+    if truncated_last:
+        assert list(result["keys"]) == [key.encode() for key, _, _ in good]
     assert counters.as_dict() == {
         "records_read": 9, "empty_captions": 1, "not_images": 1, "decode_failures": 1, "examples_out": 6,
     }
     assert np.isfinite(result["images"]).all()
+
+
+def test_abandoned_iterator_counts_no_decode_failures_for_images_in_flight(flickr_shards):
+    # A training loop leaves an iterator after its last step: the parallel
+    # decoder is then still working on later (clean) images.
+    counters = pipeline.PipelineCounters()
+    iterator = iter(_train_dataset(flickr_shards, seed=0, counters=counters))
+    batch = next(iterator)
+    del iterator
+
+    assert batch["images"].shape[0] == 4
+    assert counters.as_dict()["decode_failures"] == 0
 
 
 def test_looks_like_image_accepts_only_known_signatures():

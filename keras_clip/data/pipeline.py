@@ -12,8 +12,11 @@ stages, with no Python in the per-example path:
       -> [training] zip with a per-element random seed, shuffle encoded records
       -> skip(skip_records)
       -> parse, pick a caption, drop blank captions and non-images  (parallel)
-      -> decode + augment (training) or CLIPImagePreprocessor (eval) (parallel)
+      -> number the records consecutively, then one sentinel record
+      -> decode + augment (training) or CLIPImagePreprocessor (eval)
+         (parallel, order-preserving)
       -> ignore_errors()  (drops images that fail to decode)
+      -> count the gaps in the numbering as decode failures, drop the sentinel
       -> batch -> tokenize (CLIPTokenizer, on the batch) -> prefetch
 
 Randomness. With `seed` set, everything is reproducible: the file order, the
@@ -31,6 +34,8 @@ Bad records never reach the model and never stop training; see
 """
 
 import os
+import struct
+import zlib
 
 import numpy as np
 import tensorflow as tf
@@ -76,6 +81,22 @@ _MAX_CYCLE_LENGTH = 16
 _COUNTER_NAMES = ("records_read", "empty_captions", "not_images", "decode_failures", "examples_out")
 
 
+def _encode_png(height, width):
+    """A valid 8-bit RGB PNG of mid-grey pixels, built without an image library."""
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8 bits, RGB, no interlace
+    rows = b"".join(b"\0" + b"\x80" * (3 * width) for _ in range(height))  # filter 0, then pixels
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+
+
+# Decoded after the last real record of every stream so that the decode-failure
+# count also sees failures at the very end; never batched.
+_SENTINEL_PNG = _encode_png(8, 8)
+
+
 # --------------------------------------------------------------------------
 # Counters
 # --------------------------------------------------------------------------
@@ -94,12 +115,14 @@ class PipelineCounters:
       removing blank (empty or whitespace-only) ones.
     * `not_images`: records dropped because their bytes start with no JPEG,
       PNG, GIF, BMP or WebP signature.
-    * `decode_failures`: records that entered decoding minus those that left it
-      (an image with a valid signature whose decoding or augmentation failed,
-      e.g. a truncated JPEG; such elements are dropped by
-      `Dataset.ignore_errors()`). Exact once the dataset is drained; mid-epoch
-      it also counts the elements still being decoded by the parallel map
-      (at most its AUTOTUNE parallelism), so it can overcount by that much.
+    * `decode_failures`: records with a valid signature whose decoding or
+      augmentation failed (e.g. a truncated JPEG; such elements are dropped by
+      `Dataset.ignore_errors()`). Exact: the records reaching the decoder are
+      numbered consecutively, the decoder keeps their order, and a failure is
+      counted when a later record (or the sentinel that follows the last one)
+      comes out of it, as the gap in the numbering. Elements still being
+      decoded when an iterator is abandoned (mid-epoch, at a step limit) are
+      therefore not counted, whatever their outcome.
     * `examples_out`: examples in the batches the pipeline produced.
 
     Once a dataset is drained, `records_read == empty_captions + not_images +
@@ -138,14 +161,8 @@ class PipelineCounters:
             self.records_read = counter("records_read")
             self.empty_captions = counter("empty_captions")
             self.not_images = counter("not_images")
+            self.decode_failures = counter("decode_failures")
             self.examples_out = counter("examples_out")
-            self.decode_attempts = counter("decode_attempts")
-            self.decoded = counter("decoded")
-
-    @property
-    def decode_failures(self):
-        """int64 tensor: `decode_attempts - decoded` (see the class docstring)."""
-        return self.decode_attempts - self.decoded
 
     def as_dict(self):
         """The five counts as a dict of Python ints, in a fixed order."""
@@ -153,15 +170,8 @@ class PipelineCounters:
 
     def reset(self):
         """Sets every counter to zero."""
-        for variable in (
-            self.records_read,
-            self.empty_captions,
-            self.not_images,
-            self.examples_out,
-            self.decode_attempts,
-            self.decoded,
-        ):
-            variable.assign(0)
+        for name in _COUNTER_NAMES:
+            getattr(self, name).assign(0)
 
 
 def _add(counters, name, amount):
@@ -292,6 +302,8 @@ def _build_pipeline(
         logging.info("Sharding by element without a seed: using seed 0 on every pipeline.")
     deterministic = seed is not None or not training
     parallel = dict(num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
+    # Counting decode failures as gaps in the numbering needs the order kept.
+    in_order = dict(num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     preprocessor = CLIPImagePreprocessor(image_size=image_size, mean=mean, std=std, dtype="float32")
     tokenizer = CLIPTokenizer(context_length=context_length)
 
@@ -327,20 +339,36 @@ def _build_pipeline(
             keep = tf.identity(has_caption & is_image)
         return {"image_bytes": image_bytes, "caption": caption, "key": key, "seed": crop_seed, "keep": keep}
 
-    def decode(example):
-        # The attempt is counted before decoding starts, so that a failing
-        # decode (dropped by ignore_errors) has still been counted.
-        with tf.control_dependencies([_add(counters, "decode_attempts", 1)]):
-            image_bytes = tf.identity(example["image_bytes"])
-        if training:
-            image = augment.train_transform(image_bytes, example["seed"], preprocessor, scale=scale)
-        else:
-            image = preprocessor(image_bytes)
-        return {"images": image, "captions": example["caption"], "keys": example["key"]}
+    def to_decode(example):
+        return {
+            "image_bytes": example["image_bytes"], "caption": example["caption"], "key": example["key"],
+            "seed": example["seed"], "sentinel": tf.constant(False),
+        }
 
-    def count_decoded(example):
-        with tf.control_dependencies([_add(counters, "decoded", 1)]):
-            return {name: tf.identity(value) for name, value in example.items()}
+    sentinel = tf.data.Dataset.from_tensors({
+        "image_bytes": tf.constant(_SENTINEL_PNG), "caption": tf.constant(""), "key": tf.constant(""),
+        "seed": tf.zeros([2], tf.int64), "sentinel": tf.constant(True),
+    })
+
+    def number(next_index, example):
+        # A scan rather than `enumerate()`: an upstream error (a TFRecord entry
+        # that does not parse, a vanished file) skips it, so takes no number.
+        return next_index + 1, (next_index, example)
+
+    def decode(index, example):
+        if training:
+            image = augment.train_transform(example["image_bytes"], example["seed"], preprocessor, scale=scale)
+        else:
+            image = preprocessor(example["image_bytes"])
+        decoded = {"images": image, "captions": example["caption"], "keys": example["key"]}
+        return index, example["sentinel"], decoded
+
+    def count_gaps(last_index, element):
+        index, is_sentinel, decoded = element
+        # Numbers last_index + 1 .. index - 1 failed to decode.
+        with tf.control_dependencies([_add(counters, "decode_failures", index - last_index - 1)]):
+            is_sentinel = tf.identity(is_sentinel)
+        return index, (is_sentinel, decoded)
 
     def tokenize(batch):
         token_ids = tokenizer(batch["captions"])  # (B, T)
@@ -352,9 +380,13 @@ def _build_pipeline(
 
     dataset = dataset.map(parse, **parallel)
     dataset = dataset.filter(lambda example: example["keep"])
-    dataset = dataset.map(decode, **parallel)
+    dataset = dataset.map(to_decode).concatenate(sentinel)
+    dataset = dataset.scan(tf.constant(0, tf.int64), number)
+    dataset = dataset.map(decode, **in_order)
     dataset = dataset.ignore_errors()
-    dataset = dataset.map(count_decoded)
+    dataset = dataset.scan(tf.constant(-1, tf.int64), count_gaps)
+    dataset = dataset.filter(lambda is_sentinel, decoded: ~is_sentinel)
+    dataset = dataset.map(lambda is_sentinel, decoded: decoded)
     dataset = dataset.batch(batch_size, drop_remainder=training, **parallel)
     dataset = dataset.map(tokenize, **parallel)
     return dataset.prefetch(tf.data.AUTOTUNE)
@@ -700,3 +732,43 @@ def tfds_dataset(
         scale=scale, return_keys=return_keys,
         element_shards=(num_pipelines, pipeline_id) if by_element else (1, 0),
     )
+
+
+# --------------------------------------------------------------------------
+# Evaluation sets held in memory
+# --------------------------------------------------------------------------
+
+
+def load_image_caption_pairs(spec, image_root="", max_images=None):
+    """Encoded images with *all* their captions, for retrieval evaluation.
+
+    Args:
+        spec: TFRecord pattern/list (img2dataset schema, `txts` for several captions
+            per image) or a CSV/TSV path (rows grouped by image; with `image_root`).
+        image_root: folder of the CSV's image files.
+        max_images: keep the first this many images (None: all).
+
+    Returns:
+        `(images, captions)`: list of encoded image bytes and, per image, the list of
+        its non-blank captions. Records without an image or a caption are left out.
+    """
+    images, captions = [], []
+    if str(spec).endswith((".csv", ".tsv")):
+        records, _ = shards.read_caption_table(spec)
+        for _, name, texts in records:
+            path = os.path.join(image_root, name)
+            if tf.io.gfile.exists(path) and texts:
+                images.append(tf.io.gfile.GFile(path, "rb").read())
+                captions.append(list(texts))
+            if max_images and len(images) >= max_images:
+                break
+        return images, captions
+    for record in tf.data.TFRecordDataset(_resolve_files(spec)):
+        image_bytes, texts, _ = _parse_tfrecord(record)
+        texts = [t.decode("utf-8") for t in texts.numpy() if t.strip()]
+        if texts and looks_like_image(image_bytes):
+            images.append(image_bytes.numpy())
+            captions.append(texts)
+        if max_images and len(images) >= max_images:
+            break
+    return images, captions
