@@ -230,6 +230,8 @@ def run(config=None, strategy=None, step_callback=None):
     with strategy.scope():
         model, optimizer = build_model_and_optimizer(config, total_steps)
         global_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
+    logits_shapes = []  # what each replica's step scores: (local rows, global columns)
+    model.logits_hook = lambda logits: logits_shapes.append(logits.shape.as_list())
     counts = model.count_params_by_tower()
     logging.info("Parameters: visual %s, text %s, total %s", f"{counts['visual']:,}",
                  f"{counts['text']:,}", f"{counts['total']:,}")
@@ -301,6 +303,7 @@ def run(config=None, strategy=None, step_callback=None):
         "skipped_records": counters.as_dict(),
         "final_metrics": {k: float(v) for k, v in (logs.items() if step > start_step else [])},
         "loss_history": history,
+        "per_replica_logits_shape": logits_shapes[0] if logits_shapes else None,
         "stopped_early": deadline_hit,
     }
     if is_chief:
