@@ -107,3 +107,27 @@ class ResidualAttentionBlock(keras.layers.Layer):
             }
         )
         return config
+
+
+def residual_attention_blocks(hidden_dim, num_layers, num_heads, intermediate_dim, activation,
+                              layer_norm_epsilon, dtype=None):
+    """`num_layers` blocks named `resblocks_{i}`, with OpenAI's initialisation scales.
+
+    Attention std `hidden_dim^-0.5`, output projections `hidden_dim^-0.5 (2 L)^-0.5`,
+    MLP input `(2 hidden_dim)^-0.5`, as OpenAI's `initialize_parameters`.
+    """
+    return [
+        ResidualAttentionBlock(
+            hidden_dim,
+            num_heads,
+            intermediate_dim,
+            activation=activation,
+            layer_norm_epsilon=layer_norm_epsilon,
+            attention_std=hidden_dim**-0.5,
+            projection_std=hidden_dim**-0.5 * (2 * num_layers) ** -0.5,
+            mlp_std=(2 * hidden_dim) ** -0.5,
+            name=f"resblocks_{i}",
+            dtype=dtype,
+        )
+        for i in range(num_layers)
+    ]

@@ -2,7 +2,7 @@
 import keras
 from keras import ops
 
-from keras_clip.layers.residual_attention_block import ResidualAttentionBlock
+from keras_clip.layers.residual_attention_block import residual_attention_blocks
 
 
 @keras.saving.register_keras_serializable(package="keras_clip")
@@ -86,21 +86,10 @@ class CLIPTextTransformer(keras.layers.Layer):
             vocabulary_size, hidden_dim, embeddings_initializer=normal(stddev=0.02),
             name="token_embedding", dtype=self.dtype_policy,
         )
-        self.resblocks = [
-            ResidualAttentionBlock(
-                hidden_dim,
-                num_heads,
-                intermediate_dim,
-                activation=activation,
-                layer_norm_epsilon=layer_norm_epsilon,
-                attention_std=hidden_dim**-0.5,
-                projection_std=hidden_dim**-0.5 * (2 * num_layers) ** -0.5,
-                mlp_std=(2 * hidden_dim) ** -0.5,
-                name=f"resblocks_{i}",
-                dtype=self.dtype_policy,
-            )
-            for i in range(num_layers)
-        ]
+        self.resblocks = residual_attention_blocks(
+            hidden_dim, num_layers, num_heads, intermediate_dim, activation,
+            layer_norm_epsilon, dtype=self.dtype_policy,
+        )
         self.ln_final = keras.layers.LayerNormalization(
             epsilon=layer_norm_epsilon, name="ln_final", dtype=self.dtype_policy
         )
