@@ -83,6 +83,31 @@ def test_killed_worker_stops_the_job_with_a_message_and_rerun_resumes(setup, tmp
                *_flags(setup, model_dir, ["--strategy=multiworker", "--steps=400"])]
     launcher = subprocess.Popen(command, env=_env(), stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _kill_worker_and_check(launcher, model_dir)
+    finally:  # never leave workers running if an assertion fails
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+        for proc_dir in pathlib.Path("/proc").iterdir():
+            try:
+                if str(model_dir).encode() in (proc_dir / "cmdline").read_bytes():
+                    os.kill(int(proc_dir.name), signal.SIGKILL)
+            except (OSError, ValueError):
+                continue
+    checkpoints = sorted(int(p.name.split("-")[1].split(".")[0])
+                         for p in (model_dir / "checkpoints").glob("ckpt-*.index"))
+    assert checkpoints, "the chief wrote no checkpoint"
+
+    # Rerun a shorter job in the same model_dir: it resumes from the last checkpoint.
+    rerun = [a if not a.startswith("--steps=") else f"--steps={checkpoints[-1] + 2}" for a in command]
+    done = subprocess.run(rerun, env=_env(), capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = json.loads((model_dir / "summary.json").read_text())
+    assert summary["resumed_from_step"] in checkpoints
+    assert summary["steps"] == checkpoints[-1] + 2
+
+
+def _kill_worker_and_check(launcher, model_dir):
     deadline = time.time() + 600
     while not (model_dir / "checkpoints" / "ckpt-4.index").exists():
         assert launcher.poll() is None, launcher.communicate()[0][-3000:]
@@ -105,14 +130,3 @@ def test_killed_worker_stops_the_job_with_a_message_and_rerun_resumes(setup, tmp
     out, err = launcher.communicate(timeout=300)
     assert launcher.returncode != 0
     assert f"worker 1 (pid {victim}) killed by signal 9" in err
-    checkpoints = sorted(int(p.name.split("-")[1].split(".")[0])
-                         for p in (model_dir / "checkpoints").glob("ckpt-*.index"))
-    assert checkpoints, "the chief wrote no checkpoint"
-
-    # Rerun a shorter job in the same model_dir: it resumes from the last checkpoint.
-    rerun = [a if not a.startswith("--steps=") else f"--steps={checkpoints[-1] + 2}" for a in command]
-    done = subprocess.run(rerun, env=_env(), capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    summary = json.loads((model_dir / "summary.json").read_text())
-    assert summary["resumed_from_step"] in checkpoints
-    assert summary["steps"] == checkpoints[-1] + 2

@@ -140,3 +140,22 @@ def test_warmup_cosine_schedule_matches_formula():
         assert float(schedule(step)) == pytest.approx(expected, rel=1e-5, abs=1e-9)
     restored = WarmupCosineDecay.from_config(schedule.get_config())
     assert float(restored(35)) == float(schedule(35))
+
+
+@pytest.mark.parametrize("precision", ["mixed_bfloat16", "mixed_float16"])
+def test_mixed_precision_step_matches_float32_loss(precision, tmp_path):
+    from keras_clip.training.config import TrainConfig
+    from keras_clip.training.loop import build_model_and_optimizer
+
+    CLIP(**TINY).save_to_preset(str(tmp_path / "tiny"))
+    losses_by_precision = {}
+    for policy in ("float32", precision):
+        config = TrainConfig(preset=str(tmp_path / "tiny"), precision=policy, learning_rate=1e-4,
+                             warmup_steps=1)
+        model, optimizer = build_model_and_optimizer(config, total_steps=10)
+        if policy == "mixed_float16":
+            assert isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+        logs = model.train_step(_batch(8))
+        losses_by_precision[policy] = float(logs["loss"])
+        assert all(np.all(np.isfinite(np.asarray(v, "float32"))) for v in model.trainable_variables)
+    assert losses_by_precision[precision] == pytest.approx(losses_by_precision["float32"], rel=2e-2)
