@@ -1,0 +1,48 @@
+"""Exports a CLIP preset as a TF Serving SavedModel (see `export/saved_model.py`).
+
+    python export/export.py --preset clip_vit_tiny --export_dir /models/clip --version 1 \
+        --labels labels.txt --templates imagenet
+
+Writes `<export_dir>/<version>/` (SavedModel with the `encode_image`, `encode_text`,
+`similarity` and, with `--labels`, `classify` signatures and warm-up requests), and
+`<export_dir>/models.config` and `<export_dir>/batching_parameters.txt` for
+`tensorflow_model_server --model_config_file=... --enable_batching
+--batching_parameters_file=...`.
+"""
+import os
+import sys
+
+from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("preset", "clip_vit_tiny", "Preset name or path accepted by CLIP.from_preset.")
+flags.DEFINE_string("export_dir", None, "Model base path; the version goes in a subfolder.")
+flags.DEFINE_integer("version", 1, "Model version (positive integer).")
+flags.DEFINE_string("labels", None, "Text file of class names, one per line; adds `classify`.")
+flags.DEFINE_string("templates", None,
+                    "Prompt templates: a keras_clip.zero_shot_data name (e.g. imagenet) or a "
+                    "file with one template per line. Default: 'a photo of a {}.'")
+flags.DEFINE_string("model_name", "clip", "Model name in models.config and warm-up requests.")
+flags.DEFINE_integer("top_k", 5, "Labels returned per image by `classify`.")
+flags.DEFINE_bool("overwrite", False, "Replace an existing version directory.")
+flags.mark_flag_as_required("export_dir")
+
+
+def main(argv):
+    del argv
+    import keras_clip
+    from export.saved_model import export_saved_model, read_labels
+
+    model = keras_clip.CLIP.from_preset(FLAGS.preset)
+    labels = read_labels(FLAGS.labels) if FLAGS.labels else None
+    export_saved_model(
+        model, FLAGS.export_dir, FLAGS.version, class_names=labels,
+        templates=FLAGS.templates, model_name=FLAGS.model_name, top_k=FLAGS.top_k,
+        overwrite=FLAGS.overwrite,
+    )
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,309 @@
+"""Exports a CLIP model as a TF Serving SavedModel with named signatures.
+
+Layout written under `export_base` (what `tensorflow_model_server
+--model_base_path=<export_base>` and `serving/local_server.py` read):
+
+    <export_base>/<version>/saved_model.pb
+    <export_base>/<version>/variables/
+    <export_base>/<version>/assets/
+    <export_base>/<version>/assets.extra/tf_serving_warmup_requests
+    <export_base>/models.config            ModelServerConfig text proto
+    <export_base>/batching_parameters.txt  BatchingParameters text proto
+
+Signatures (inputs and outputs by name; `B` is the batch, `D` the embedding width):
+
+| signature | inputs | outputs |
+|---|---|---|
+| `encode_image` | `image_bytes` string `(B,)` | `image_embeddings` float32 `(B, D)`, unit norm |
+| `encode_text` | `texts` string `(B,)` | `text_embeddings` float32 `(B, D)`, unit norm |
+| `classify` | `image_bytes` string `(B,)` | `scores` float32 `(B, C)` (softmax over the labels), `top_labels` string `(B, k)`, `top_scores` float32 `(B, k)` |
+| `similarity` | `image_bytes` string `(B,)`, `texts` string `(B',)` | `logits_per_image` float32 `(B, B')` |
+
+`classify` exists only when labels are given, and is then also `serving_default`;
+otherwise `serving_default` is `encode_image`.
+
+Decoding and resizing run in the graph with the same `CLIPImagePreprocessor` layer
+as training, and tokenisation with `CLIPTokenizer(fix_text=True)` (the in-graph
+cleaning), so serving cannot drift from training. The graphs hold only TensorFlow
+core and tensorflow-text ops: a server needs `import tensorflow_text` (TF Serving
+links those ops in) and no Python code from this package.
+
+Requests the graphs reject with `INVALID_ARGUMENT` and a message naming the
+problem: an empty batch, bytes that are not an image (the message names the batch
+index), an empty (or all-whitespace) text and a text longer than `max_text_bytes`
+(both naming the batch index).
+"""
+import os
+
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from keras_clip.preprocessing.tokenizer import CLIPTokenizer
+from keras_clip.zero_shot import DEFAULT_TEMPLATES, build_class_embeddings
+
+IMAGE_BYTES = "image_bytes"
+TEXTS = "texts"
+IMAGE_EMBEDDINGS = "image_embeddings"
+TEXT_EMBEDDINGS = "text_embeddings"
+SCORES = "scores"
+TOP_LABELS = "top_labels"
+TOP_SCORES = "top_scores"
+LOGITS_PER_IMAGE = "logits_per_image"
+
+WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
+MODELS_CONFIG_FILE = "models.config"
+BATCHING_FILE = "batching_parameters.txt"
+DEFAULT_MAX_TEXT_BYTES = 4096
+
+BATCHING_PARAMETERS = """\
+max_batch_size { value: 64 }
+batch_timeout_micros { value: 2000 }
+max_enqueued_batches { value: 100 }
+num_batch_threads { value: 2 }
+pad_variable_length_inputs: false
+"""
+
+
+class CLIPServingModule(tf.Module):
+    """The serving graph of a CLIP model: preprocessing, towers and label head.
+
+    Args:
+        model: a built `keras_clip.CLIP`.
+        class_names: optional sequence of C str; enables `classify`.
+        class_embeddings: float array `(C, D)` for `class_names` (see
+            `keras_clip.zero_shot.build_class_embeddings`).
+        top_k: int, labels returned per image by `classify` (at most C).
+        max_text_bytes: int, longest accepted text in UTF-8 bytes.
+    """
+
+    def __init__(self, model, class_names=None, class_embeddings=None, top_k=5,
+                 max_text_bytes=DEFAULT_MAX_TEXT_BYTES):
+        super().__init__(name="clip_serving")
+        if top_k <= 0:
+            raise ValueError(f"`top_k` must be positive. Received: top_k={top_k}")
+        if max_text_bytes <= 0:
+            raise ValueError(
+                f"`max_text_bytes` must be positive. Received: max_text_bytes={max_text_bytes}"
+            )
+        self.model = model
+        self.image_preprocessor = model.image_preprocessor()
+        self.tokenizer = CLIPTokenizer(context_length=model.context_length, fix_text=True)
+        self.max_text_bytes = int(max_text_bytes)
+        self.class_names = list(class_names) if class_names else None
+        if self.class_names:
+            class_embeddings = np.asarray(class_embeddings, np.float32)
+            expected = (len(self.class_names), model.embed_dim)
+            if class_embeddings.shape != expected:
+                raise ValueError(
+                    f"`class_embeddings` must have shape {expected}. "
+                    f"Received: shape={class_embeddings.shape}"
+                )
+            self.class_embeddings = tf.Variable(
+                class_embeddings, trainable=False, name="class_embeddings"
+            )
+            self.labels = tf.Variable(
+                tf.constant(self.class_names, tf.string), trainable=False, name="labels"
+            )
+            self.top_k = min(int(top_k), len(self.class_names))
+
+    # -- building blocks (traced inside the signatures) ------------------------
+    def _check_batch(self, values, input_name):
+        size = tf.size(values)
+        return tf.debugging.Assert(
+            size > 0, [f"`{input_name}` is an empty batch; send at least one element."]
+        )
+
+    def _image_embeddings(self, image_bytes):
+        with tf.control_dependencies([self._check_batch(image_bytes, IMAGE_BYTES)]):
+            images = self.image_preprocessor(image_bytes)  # (B, S, S, 3)
+        return tf.cast(self.model.encode_image(images), tf.float32)  # (B, D)
+
+    def _text_embeddings(self, texts):
+        lengths = tf.strings.length(texts)  # (B,) bytes
+        blank = tf.equal(tf.strings.length(tf.strings.strip(texts)), 0)  # (B,)
+        too_long = lengths > self.max_text_bytes  # (B,)
+        checks = [
+            self._check_batch(texts, TEXTS),
+            tf.debugging.Assert(
+                tf.logical_not(tf.reduce_any(blank)),
+                ["`texts` holds an empty or whitespace-only string at batch index",
+                 tf.reduce_min(tf.where(blank))],
+            ),
+            tf.debugging.Assert(
+                tf.logical_not(tf.reduce_any(too_long)),
+                [f"`texts` holds a string longer than {self.max_text_bytes} UTF-8 bytes "
+                 "at batch index", tf.reduce_min(tf.where(too_long)), "length",
+                 tf.reduce_max(lengths)],
+            ),
+        ]
+        with tf.control_dependencies(checks):
+            token_ids = self.tokenizer(texts)  # (B, T)
+        return tf.cast(self.model.encode_text(token_ids, trim=True), tf.float32)  # (B, D)
+
+    # -- signatures --------------------------------------------------------------
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=IMAGE_BYTES)])
+    def encode_image(self, image_bytes):
+        return {IMAGE_EMBEDDINGS: self._image_embeddings(image_bytes)}
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=TEXTS)])
+    def encode_text(self, texts):
+        return {TEXT_EMBEDDINGS: self._text_embeddings(texts)}
+
+    @tf.function(input_signature=[
+        tf.TensorSpec([None], tf.string, name=IMAGE_BYTES),
+        tf.TensorSpec([None], tf.string, name=TEXTS),
+    ])
+    def similarity(self, image_bytes, texts):
+        image = self._image_embeddings(image_bytes)  # (B, D)
+        text = self._text_embeddings(texts)  # (B', D)
+        scale = tf.cast(self.model.logit_scale(), tf.float32)
+        return {LOGITS_PER_IMAGE: scale * tf.matmul(image, text, transpose_b=True)}  # (B, B')
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=IMAGE_BYTES)])
+    def classify(self, image_bytes):
+        image = self._image_embeddings(image_bytes)  # (B, D)
+        scale = tf.cast(self.model.logit_scale(), tf.float32)
+        logits = scale * tf.matmul(image, self.class_embeddings, transpose_b=True)  # (B, C)
+        scores = tf.nn.softmax(logits, axis=-1)  # (B, C)
+        top_scores, top_indices = tf.math.top_k(scores, k=self.top_k)  # (B, k)
+        return {
+            SCORES: scores,
+            TOP_LABELS: tf.gather(self.labels, top_indices),
+            TOP_SCORES: top_scores,
+        }
+
+    def signatures(self):
+        """Signature name -> concrete function, as `tf.saved_model.save` takes them."""
+        signatures = {
+            "encode_image": self.encode_image.get_concrete_function(),
+            "encode_text": self.encode_text.get_concrete_function(),
+            "similarity": self.similarity.get_concrete_function(),
+        }
+        if self.class_names:
+            signatures["classify"] = self.classify.get_concrete_function()
+        signatures["serving_default"] = signatures.get("classify", signatures["encode_image"])
+        return signatures
+
+
+# -- export -------------------------------------------------------------------------
+def read_labels(path):
+    """Class names from a text file, one per line (blank lines ignored)."""
+    with open(path, encoding="utf-8") as f:
+        labels = [line.strip() for line in f if line.strip()]
+    if not labels:
+        raise ValueError(f"The labels file holds no labels. Received: path={path!r}")
+    return labels
+
+
+def resolve_templates(templates):
+    """Prompt templates from None, a list, a `zero_shot_data` name or a file path."""
+    if templates is None:
+        return list(DEFAULT_TEMPLATES)
+    if not isinstance(templates, str):
+        return list(templates)
+    if os.path.isfile(templates):
+        with open(templates, encoding="utf-8") as f:
+            return [line.rstrip("\n") for line in f if line.strip()]
+    from keras_clip.zero_shot_data import load_dataset_prompts
+
+    return load_dataset_prompts(templates)[1]
+
+
+def _example_image_bytes(size=32):
+    ramp = np.linspace(0, 255, size * size * 3).astype(np.uint8).reshape(size, size, 3)
+    return tf.io.encode_jpeg(ramp).numpy()
+
+
+def warmup_requests(model_name, signature_names):
+    """One `PredictionLog` with a `PredictRequest` per signature, for TF Serving warm-up."""
+    from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
+
+    image = tf.make_tensor_proto([_example_image_bytes()], dtype=tf.string)
+    text = tf.make_tensor_proto(["a photo of a dog."], dtype=tf.string)
+    inputs = {
+        "encode_image": {IMAGE_BYTES: image},
+        "classify": {IMAGE_BYTES: image},
+        "serving_default": {IMAGE_BYTES: image},
+        "encode_text": {TEXTS: text},
+        "similarity": {IMAGE_BYTES: image, TEXTS: text},
+    }
+    logs = []
+    for name in signature_names:
+        request = predict_pb2.PredictRequest()
+        request.model_spec.name = model_name
+        request.model_spec.signature_name = name
+        for key, proto in inputs[name].items():
+            request.inputs[key].CopyFrom(proto)
+        logs.append(
+            prediction_log_pb2.PredictionLog(
+                predict_log=prediction_log_pb2.PredictLog(request=request)
+            )
+        )
+    return logs
+
+
+def models_config(model_name, base_path, num_versions=1):
+    """TF Serving `ModelServerConfig` text proto serving the latest versions."""
+    from google.protobuf import text_format
+    from tensorflow_serving.config import model_server_config_pb2
+
+    config = model_server_config_pb2.ModelServerConfig()
+    model = config.model_config_list.config.add()
+    model.name = model_name
+    model.base_path = os.path.abspath(base_path)
+    model.model_platform = "tensorflow"
+    model.model_version_policy.latest.num_versions = num_versions
+    return text_format.MessageToString(config)
+
+
+def export_saved_model(model, export_base, version, class_names=None, templates=None,
+                       model_name="clip", top_k=5, max_text_bytes=DEFAULT_MAX_TEXT_BYTES,
+                       overwrite=False):
+    """Writes `<export_base>/<version>/` for TF Serving, plus its serving configs.
+
+    Args:
+        model: a built `keras_clip.CLIP`.
+        export_base: str, the model's base path (holds numbered versions).
+        version: positive int.
+        class_names: optional sequence of str; bakes a `classify` head in.
+        templates: prompt templates for the class embeddings: a list of format
+            strings, a `keras_clip.zero_shot_data` name (`"imagenet"`) or a file with
+            one template per line. Defaults to `("a photo of a {}.",)`.
+        model_name: str, the name in `models.config` and the warm-up requests.
+        top_k: int, labels per image returned by `classify`.
+        max_text_bytes: int, longest text the text signatures accept.
+        overwrite: bool, replace an existing version directory.
+
+    Returns:
+        str, the version directory written.
+    """
+    if isinstance(version, bool) or not isinstance(version, int) or version <= 0:
+        raise ValueError(f"`version` must be a positive integer. Received: version={version!r}")
+    version_dir = os.path.join(export_base, str(version))
+    if os.path.exists(version_dir) and not overwrite:
+        raise FileExistsError(
+            f"{version_dir} already exists; export a new version or pass overwrite=True."
+        )
+    class_embeddings = None
+    if class_names:
+        templates = resolve_templates(templates)
+        class_embeddings = build_class_embeddings(model, list(class_names), templates)
+    module = CLIPServingModule(model, class_names, class_embeddings, top_k, max_text_bytes)
+    signatures = module.signatures()
+    tf.saved_model.save(module, version_dir, signatures=signatures)
+
+    warmup_path = os.path.join(version_dir, WARMUP_FILE)
+    os.makedirs(os.path.dirname(warmup_path), exist_ok=True)
+    with tf.io.TFRecordWriter(warmup_path) as writer:
+        for log in warmup_requests(model_name, sorted(signatures)):
+            writer.write(log.SerializeToString())
+    with open(os.path.join(export_base, MODELS_CONFIG_FILE), "w") as f:
+        f.write(models_config(model_name, export_base))
+    with open(os.path.join(export_base, BATCHING_FILE), "w") as f:
+        f.write(BATCHING_PARAMETERS)
+    logging.info(
+        "Exported %s version %d to %s with signatures %s",
+        model_name, version, version_dir, sorted(signatures),
+    )
+    return version_dir
