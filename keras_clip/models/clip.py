@@ -295,17 +295,27 @@ class CLIP(keras.Model):
         return self._update_trackers(out)
 
     # -- preprocessing that matches this model ------------------------------------
+    def _preprocessing_layer(self, key, factory):
+        # A plain dict outside Keras' tracking (layers can't be added once built); one
+        # instance per model so its traced graphs are reused across calls.
+        cache = self.__dict__.setdefault("_preprocessing_layers", {})
+        if key not in cache:
+            cache[key] = factory()
+        return cache[key]
+
     def tokenizer(self):
-        """A `CLIPTokenizer` with this model's context length."""
+        """The `CLIPTokenizer` for this model's context length (one shared instance)."""
         from keras_clip.preprocessing.tokenizer import CLIPTokenizer
 
-        return CLIPTokenizer(context_length=self.context_length)
+        return self._preprocessing_layer(
+            "tokenizer", lambda: CLIPTokenizer(context_length=self.context_length))
 
     def image_preprocessor(self):
-        """A `CLIPImagePreprocessor` at this model's resolution."""
+        """The `CLIPImagePreprocessor` at this model's resolution (one shared instance)."""
         from keras_clip.preprocessing.image_preprocessor import CLIPImagePreprocessor
 
-        return CLIPImagePreprocessor(image_size=self.image_size)
+        return self._preprocessing_layer(
+            "image_preprocessor", lambda: CLIPImagePreprocessor(image_size=self.image_size))
 
     # -- config and presets -------------------------------------------------------
     def get_config(self):
