@@ -47,12 +47,12 @@ def main():
             subprocess.run(cmd, env=env, check=True, capture_output=True)
             summary = json.loads((model_dir / "summary.json").read_text())
             results[workers] = summary
-            step_s = summary["train_seconds"] / summary["steps"]
+            step_s = summary["train_seconds"] / (summary["steps"] - 1)
             print(f"{workers} worker(s): global batch {summary['global_batch_size']}, "
                   f"{1 / step_s:.3f} steps/s, {summary['samples_per_second']:.1f} pairs/s, "
                   f"{1000 * step_s:.0f} ms/step")
-        one = results[1]["train_seconds"] / results[1]["steps"]
-        two = results[2]["train_seconds"] / results[2]["steps"]
+        one = results[1]["train_seconds"] / (results[1]["steps"] - 1)
+        two = results[2]["train_seconds"] / (results[2]["steps"] - 1)
         print(f"2-worker step time / 1-worker step time: {two / one:.2f} "
               f"(overhead {1000 * (two - one):.0f} ms/step: all-gather + gradient all-reduce + "
               f"2 processes sharing {os.cpu_count()} cores)")

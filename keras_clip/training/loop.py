@@ -250,6 +250,7 @@ def run(config=None, strategy=None, step_callback=None):
     train_function = make_train_function(model, strategy)
     writer = tf.summary.create_file_writer(os.path.join(config.model_dir, "logs")) if is_chief else None
     step, history, train_seconds, deadline_hit = start_step, [], 0.0, False
+    first_step_seconds = 0.0  # tracing (and XLA compilation) happen in the first step
     start_time = time.time()
     while step < total_steps and not deadline_hit:
         epoch, step_in_epoch = divmod(step, steps_per_epoch)
@@ -275,7 +276,10 @@ def run(config=None, strategy=None, step_callback=None):
         for _ in range(epoch_steps):
             tic = time.time()
             logs = {k: float(v) for k, v in train_function(iterator).items()}
-            train_seconds += time.time() - tic
+            if step == start_step:
+                first_step_seconds = time.time() - tic
+            else:
+                train_seconds += time.time() - tic
             step += 1
             global_step.assign(step)
             history.append(logs["loss"])
@@ -298,8 +302,10 @@ def run(config=None, strategy=None, step_callback=None):
         "resumed_from_step": start_step,
         "global_batch_size": config.global_batch_size,
         "num_replicas": strategy.num_replicas_in_sync,
-        "train_seconds": round(train_seconds, 2),
-        "samples_per_second": round((step - start_step) * config.global_batch_size / max(train_seconds, 1e-9), 2),
+        "first_step_seconds": round(first_step_seconds, 2),
+        "train_seconds": round(train_seconds, 2),  # steps after the first
+        "samples_per_second": round(
+            max(step - start_step - 1, 0) * config.global_batch_size / max(train_seconds, 1e-9), 2),
         "skipped_records": counters.as_dict(),
         "final_metrics": {k: float(v) for k, v in (logs.items() if step > start_step else [])},
         "loss_history": history,
