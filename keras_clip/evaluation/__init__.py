@@ -8,6 +8,3 @@ from keras_clip.evaluation.retrieval import encode_texts  # noqa: F401
 from keras_clip.evaluation.retrieval import evaluate_retrieval  # noqa: F401
 from keras_clip.evaluation.retrieval import retrieval_ranks  # noqa: F401
 from keras_clip.evaluation.retrieval import retrieval_recall  # noqa: F401
-from keras_clip.evaluation.linear_probe import linear_probe  # noqa: F401,E402
-from keras_clip.evaluation.template_selection import select_templates  # noqa: F401,E402
-from keras_clip.evaluation.zero_shot_eval import evaluate_zero_shot  # noqa: F401,E402
