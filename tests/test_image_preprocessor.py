@@ -250,10 +250,7 @@ def test_resize_and_center_crop_matches_pil_on_noise():
 def test_pil_reference_matches_open_clip_transform(layers, flickr_bytes, photo):
     from tests.reference import import_open_clip
 
-    try:
-        open_clip = import_open_clip()
-    except ImportError as error:  # pragma: no cover - optional reference
-        pytest.skip(f"open_clip not importable: {error}")
+    open_clip = import_open_clip()  # a test dependency: fail, never skip, if it is missing
     transform = open_clip.image_transform(160, is_train=False)
     palette = photo.crop((0, 0, 224, 150)).convert("P", palette=Image.Palette.ADAPTIVE, colors=50)
     encoded = [flickr_bytes[1], encode(photo.crop((0, 0, 120, 224)), "PNG"), encode(palette, "PNG")]
