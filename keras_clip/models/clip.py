@@ -211,7 +211,8 @@ class CLIP(keras.Model):
 
         Args:
             optimizer: a Keras optimizer (see `keras_clip.training.create_optimizer`).
-            jit_compile: bool. XLA-compile the towers' forward and backward passes.
+            jit_compile: bool or "auto" (on only with a GPU). XLA-compile the towers'
+                forward and backward passes.
                 The cross-replica all-gather stays outside the compiled function (XLA
                 on CPU cannot compile collectives), so this works under every
                 `tf.distribute` strategy; Keras' whole-step compilation is disabled.
@@ -220,6 +221,8 @@ class CLIP(keras.Model):
         if "loss" in kwargs:
             raise ValueError("CLIP computes its contrastive loss itself; do not pass `loss`.")
         super().compile(optimizer=optimizer, jit_compile=False, **kwargs)
+        if jit_compile == "auto":  # Keras' default spelling: XLA where a GPU is present
+            jit_compile = bool(tf.config.list_physical_devices("GPU"))
         self._jit_towers = bool(jit_compile)
         self._encode_pair_fn = None
 
