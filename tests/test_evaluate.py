@@ -32,7 +32,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def preprocessor(model):
-    """One preprocessor for the module: each new one traces its decoders (seconds)."""
+    """The model's shared image preprocessor (used for the numpy reference)."""
     return model.image_preprocessor()
 
 
@@ -64,8 +64,7 @@ def test_zero_shot_metrics_match_numpy_on_real_subsets(model, preprocessor, sour
     np.testing.assert_array_equal(data.labels, all_labels[keep])
     assert len(np.unique(data.labels)) >= 8  # a random subset, not one class
 
-    metrics = zero_shot_eval.evaluate_zero_shot(model, data, TEMPLATES, batch_size=32, verbose=0,
-                                                preprocessor=preprocessor)
+    metrics = zero_shot_eval.evaluate_zero_shot(model, data, TEMPLATES, batch_size=32, verbose=0)
 
     # Reference: every image preprocessed and encoded in one call, scores in numpy.
     images = [img for batch, _ in data.batches(100) for img in batch]
@@ -111,16 +110,13 @@ def test_second_run_reads_cached_embeddings_without_encoding(model, preprocessor
     original = model.encode_image
     monkeypatch.setattr(model, "encode_image", lambda *a, **k: calls.append(1) or original(*a, **k))
     first = zero_shot_eval.evaluate_zero_shot(model, data, TEMPLATES, batch_size=8,
-                                              cache_dir=tmp_path, verbose=0,
-                                              preprocessor=preprocessor)
+                                              cache_dir=tmp_path, verbose=0)
     assert len(calls) == 3 and len(list(tmp_path.glob("*.npz"))) == 1
     second = zero_shot_eval.evaluate_zero_shot(model, data, ["a {}."], batch_size=8,
-                                               cache_dir=tmp_path, verbose=0,
-                                               preprocessor=preprocessor)
+                                               cache_dir=tmp_path, verbose=0)
     assert len(calls) == 3  # the cache hit encoded no image
     third = zero_shot_eval.evaluate_zero_shot(model, data, TEMPLATES, batch_size=8,
-                                              cache_dir=tmp_path, verbose=0,
-                                              preprocessor=preprocessor)
+                                              cache_dir=tmp_path, verbose=0)
     assert third["top1"] == first["top1"] and third["confusion_matrix"] == first["confusion_matrix"]
     assert second["templates"] == ["a {}."]
     # Other weights, or another subset, miss the cache.
@@ -152,10 +148,8 @@ def test_distribution_shift_reports_each_set_against_in_distribution(model, prep
     cifar = load_classification_dataset(CIFAR10, max_examples=30)
     shifted = cifar.subset(np.arange(15), name="first_half")
     result = zero_shot_eval.evaluate_distribution_shift(model, cifar, {"first_half": shifted},
-                                                        TEMPLATES, verbose=0,
-                                                        preprocessor=preprocessor)
-    scores = zero_shot_eval.encode_dataset(model, shifted, verbose=0,
-                                           preprocessor=preprocessor) @ \
+                                                        TEMPLATES, verbose=0)
+    scores = zero_shot_eval.encode_dataset(model, shifted, verbose=0) @ \
         build_class_embeddings(model, cifar.class_names, TEMPLATES).T
     expected = 100 * np.mean(np.argmax(scores, 1) == shifted.labels)
     entry = result["shifted"]["first_half"]

@@ -94,7 +94,7 @@ def embedding_cache_key(model, dataset):
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def encode_dataset(model, dataset, batch_size=64, cache_dir=None, verbose=1, preprocessor=None):
+def encode_dataset(model, dataset, batch_size=64, cache_dir=None, verbose=1):
     """Unit-norm image embeddings of every example of `dataset`, optionally cached.
 
     Args:
@@ -104,9 +104,6 @@ def encode_dataset(model, dataset, batch_size=64, cache_dir=None, verbose=1, pre
         cache_dir: optional folder; embeddings are read from / written to
             `<cache_dir>/<embedding_cache_key>.npz`.
         verbose: 1 shows a `keras.utils.Progbar`, 0 is silent.
-        preprocessor: optional `model.image_preprocessor()` to reuse. One is
-            built per call otherwise; its first call traces the in-graph decoders,
-            which takes seconds, so callers encoding several datasets pass one.
 
     Returns:
         float32 numpy `(N, E)`.
@@ -119,8 +116,7 @@ def encode_dataset(model, dataset, batch_size=64, cache_dir=None, verbose=1, pre
                 if np.array_equal(cached["labels"], dataset.labels):
                     logging.info("Image embeddings of %s read from cache %s", dataset.name, path)
                     return cached["embeddings"]
-    if preprocessor is None:
-        preprocessor = model.image_preprocessor()
+    preprocessor = model.image_preprocessor()  # one per model: traced graphs are reused
     progress = keras.utils.Progbar(len(dataset), verbose=verbose, unit_name="image")
     chunks = []
     for images, _ in dataset.batches(batch_size):
@@ -148,7 +144,7 @@ def zero_shot_scores(image_embeddings, class_embeddings):
 
 def evaluate_zero_shot(model, dataset, templates=DEFAULT_TEMPLATES, class_names=None,
                        batch_size=64, cache_dir=None, image_embeddings=None,
-                       class_embeddings=None, ks=(1, 5), verbose=1, preprocessor=None):
+                       class_embeddings=None, ks=(1, 5), verbose=1):
     """Zero-shot accuracy of `model` on a labelled dataset.
 
     Args:
@@ -162,15 +158,13 @@ def evaluate_zero_shot(model, dataset, templates=DEFAULT_TEMPLATES, class_names=
         class_embeddings: optional precomputed `(C, E)`; skips text encoding.
         ks: top-k values.
         verbose: progress bar on (1) or off (0).
-        preprocessor: optional image preprocessor to reuse (see `encode_dataset`).
 
     Returns:
         The dict of `classification_metrics`, plus `templates` and `class_names`.
     """
     class_names = list(class_names or dataset.class_names)
     if image_embeddings is None:
-        image_embeddings = encode_dataset(model, dataset, batch_size, cache_dir, verbose,
-                                          preprocessor)
+        image_embeddings = encode_dataset(model, dataset, batch_size, cache_dir, verbose)
     if class_embeddings is None:
         class_embeddings = build_class_embeddings(model, class_names, templates)
     metrics = classification_metrics(
@@ -250,8 +244,7 @@ def effective_robustness(in_distribution_accuracy, shifted_accuracy, baseline_fi
 
 
 def evaluate_distribution_shift(model, in_distribution, shifted, templates=DEFAULT_TEMPLATES,
-                                baseline_fit=None, batch_size=64, cache_dir=None, verbose=1,
-                                preprocessor=None):
+                                baseline_fit=None, batch_size=64, cache_dir=None, verbose=1):
     """Zero-shot top-1 on an in-distribution set and shifted sets with the same classes.
 
     Args:
@@ -261,7 +254,7 @@ def evaluate_distribution_shift(model, in_distribution, shifted, templates=DEFAU
             `in_distribution.class_names`.
         templates: prompt templates (one class embedding matrix serves all sets).
         baseline_fit: optional `{"slope", "intercept"}` (see `effective_robustness`).
-        batch_size, cache_dir, verbose, preprocessor: as for `encode_dataset`.
+        batch_size, cache_dir, verbose: as for `encode_dataset`.
 
     Returns:
         dict: `in_distribution` (`{"name", "top1"}`) and `shifted`, a dict name ->
@@ -272,13 +265,11 @@ def evaluate_distribution_shift(model, in_distribution, shifted, templates=DEFAU
         if data.class_names != class_names:
             raise ValueError(f"Shifted set {name!r} must have the in-distribution classes.")
     class_embeddings = build_class_embeddings(model, class_names, templates)
-    if preprocessor is None:
-        preprocessor = model.image_preprocessor()  # one for all sets
 
     def top1(data):
         return evaluate_zero_shot(model, data, templates, batch_size=batch_size,
                                   cache_dir=cache_dir, class_embeddings=class_embeddings,
-                                  verbose=verbose, preprocessor=preprocessor)["top1"]
+                                  verbose=verbose)["top1"]
 
     in_accuracy = top1(in_distribution)
     result = {"in_distribution": {"name": in_distribution.name, "top1": in_accuracy},

@@ -121,25 +121,16 @@ def make_dataset(spec, *, image_size, context_length, batch_size, training, seed
 # ----------------------------------------------------------------------------------
 
 
-def evaluate_retrieval(model, spec, image_root="", batch_size=128, max_images=1000):
+def evaluate_retrieval(model, spec, image_root="", max_images=1000):
     """Recall@1/5/10 both ways on image-caption data (every caption of each image)."""
     from keras_clip.data import pipeline
-    from keras_clip.evaluation.retrieval import retrieval_recall
+    from keras_clip.evaluation import retrieval
 
     images, captions = pipeline.load_image_caption_pairs(spec, image_root=image_root,
                                                          max_images=max_images)
-    preprocess, tokenizer = model.image_preprocessor(), model.tokenizer()
-    image_embeddings = np.concatenate([
-        np.asarray(model.encode_image(preprocess(tf.constant(images[i:i + batch_size]))))
-        for i in range(0, len(images), batch_size)
-    ])
     texts = [c for caps in captions for c in caps]
     owner = np.array([i for i, caps in enumerate(captions) for _ in caps])
-    text_embeddings = np.concatenate([
-        np.asarray(model.encode_text(tokenizer(tf.constant(texts[i:i + 4 * batch_size])), trim=True))
-        for i in range(0, len(texts), 4 * batch_size)
-    ])
-    result = retrieval_recall(image_embeddings, text_embeddings, owner)
+    result = retrieval.evaluate_retrieval(model, images, texts, owner)
     result["num_images"], result["num_captions"] = len(images), len(texts)
     return result
 
