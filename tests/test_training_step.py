@@ -104,6 +104,38 @@ def test_jit_compiled_towers_give_the_same_step():
         np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+def test_training_step_trims_texts_without_changing_loss_or_gradients():
+    # Without XLA the step runs the text tower only up to the batch's longest text
+    # (here 7 of 12 positions); the causal mask makes that exact.
+    keras.utils.set_random_seed(4)
+    model = CLIP(**TINY)
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate=0.1), jit_compile=False)
+    data = _batch(8)
+    tokens = data["token_ids"].copy()
+    for i in range(8):
+        tokens[i, 2 + i % 5] = 499
+        tokens[i, 3 + i % 5:] = 0
+    data["token_ids"] = tokens
+    seen_lengths = []
+    block = model.text.resblocks[0]
+    original_call = block.call
+    block.call = lambda x, **kw: (seen_lengths.append(x.shape[1]), original_call(x, **kw))[1]
+    with tf.GradientTape() as tape:
+        loss = model._contrastive_step(data, training=True)[0]["loss"]
+    gradients = tape.gradient(loss, model.trainable_variables)
+    block.call = original_call
+    assert seen_lengths == [7]
+    with tf.GradientTape() as tape:
+        image = model.encode_image(data["images"], training=True)
+        text = model.encode_text(data["token_ids"], trim=False)
+        reference = losses.clip_loss(image, text, image, text, model.logit_scale())["loss"]
+    expected = tape.gradient(reference, model.trainable_variables)
+    assert float(loss) == pytest.approx(float(reference), rel=1e-6)
+    for variable, got, want in zip(model.trainable_variables, gradients, expected):
+        np.testing.assert_allclose(tf.convert_to_tensor(got), tf.convert_to_tensor(want),
+                                   rtol=1e-5, atol=1e-6, err_msg=variable.path)
+
+
 def test_temperature_stays_at_most_100_during_training():
     model = CLIP(**dict(TINY, initial_logit_scale=99.0))
     model.compile(optimizer=keras.optimizers.SGD(learning_rate=50.0))

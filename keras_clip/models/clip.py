@@ -234,7 +234,10 @@ class CLIP(keras.Model):
 
     def _encode_pair(self, images, token_ids, training):
         if not self._jit_towers:
-            return self.encode_image(images, training=training), self.encode_text(token_ids)
+            # Trimming to the batch's longest text is exact (causal mask) and saves
+            # text-tower compute; XLA needs static shapes, so only without it.
+            return (self.encode_image(images, training=training),
+                    self.encode_text(token_ids, trim=True))
         if self._encode_pair_fn is None:
             self._encode_pair_fn = {
                 flag: tf.function(
