@@ -5,7 +5,10 @@
 Both runs use the same code path (`strategy.run(model.train_step)`); the 2-worker run
 adds the all-gather of features and the all-reduce of gradients over loopback gRPC
 and shares the machine's cores between the workers. The difference in step time
-between the runs is reported as the communication + sharing overhead.
+between the runs is reported as the communication + sharing overhead. The 2-worker
+run then times its collectives on their own (`--time_collectives_steps`,
+`keras_clip.training.collectives`): the features' all-gather with its gradient,
+and the gradient all-reduce, at the step's sizes.
 """
 import argparse
 import json
@@ -23,6 +26,8 @@ def main():
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--per_replica_batch", type=int, default=32)
     parser.add_argument("--preset", default="clip_vit_tiny")
+    parser.add_argument("--collective_steps", type=int, default=30,
+                        help="repetitions of each collective when timed alone (2 workers)")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
     from keras_clip import demo_data
@@ -43,7 +48,8 @@ def main():
                 cmd = [sys.executable, str(ROOT / "training" / "run.py"), *flags, "--strategy=one_device"]
             else:
                 cmd = [sys.executable, str(ROOT / "training" / "launch.py"), f"--num_workers={workers}",
-                       "--", *flags, "--strategy=multiworker"]
+                       "--", *flags, "--strategy=multiworker",
+                       f"--time_collectives_steps={args.collective_steps}"]
             subprocess.run(cmd, env=env, check=True, capture_output=True)
             summary = json.loads((model_dir / "summary.json").read_text())
             results[workers] = summary
@@ -56,6 +62,13 @@ def main():
         print(f"2-worker step time / 1-worker step time: {two / one:.2f} "
               f"(overhead {1000 * (two - one):.0f} ms/step: all-gather + gradient all-reduce + "
               f"2 processes sharing {os.cpu_count()} cores)")
+        c = results[2]["collectives"]
+        print(f"Collectives alone, 2 workers, {c['steps']} repetitions each (after training, same "
+              f"cluster): all-gather of features + its gradient {c['all_gather_ms']:.1f} ms/step "
+              f"({c['gathered_bytes'] / 1024:.0f} KiB gathered), gradient all-reduce "
+              f"{c['gradient_all_reduce_ms']:.1f} ms/step ({c['all_reduced_bytes'] / 2**20:.1f} MiB), "
+              f"empty step {c['empty_ms']:.1f} ms; all-gather share of the 2-worker step "
+              f"{100 * c['all_gather_ms'] / (1000 * two):.1f}%")
 
 
 if __name__ == "__main__":

@@ -9,15 +9,16 @@ Kept the same for both frameworks: the architecture (keras_clip's `clip_vit_tiny
 registered with open_clip as a model config; parameter counts are checked equal), the
 batch size, the number of optimiser steps, AdamW (betas 0.9/0.98, epsilon 1e-6), the
 peak learning rate, linear warm-up then cosine decay to 0 (the same formula), the
-weight decay value, the seeds, the training transform (RandomResizedCrop scale
+weight decay value and (by default, `--decay_embeddings`) the tensors it applies to:
+every matrix including the token and positional embeddings, which is open_clip's rule
+and not keras_clip's default, the seeds, the training transform (RandomResizedCrop scale
 (0.9, 1), bicubic, OpenAI mean/std), the tokenizer and context length, the symmetric
 contrastive loss with the temperature capped at 100, and the precision (fp32 by
 default; `--precision bf16`: keras_clip `mixed_bfloat16`, open_clip `amp_bf16`).
 
 Left as each trainer does it (printed with the results): weight initialisation, data
-order and crops (same seed values, different random generators), the input pipeline
-(tf.data vs a torch DataLoader with one worker process), and which weights get decay
-(open_clip also decays token and positional embeddings; keras_clip does not).
+order and crops (same seed values, different random generators), and the input
+pipeline (tf.data vs a torch DataLoader with one worker process).
 
 Training data: the 6,000 Flickr8k `train` images with their 5 captions each. keras_clip
 reads a table of them (one caption drawn per image per epoch); open_clip reads a CSV that
@@ -88,6 +89,9 @@ def parse_args(argv=None):
     parser.add_argument("--learning_rate", type=float, default=1e-3, help="peak learning rate")
     parser.add_argument("--warmup_steps", type=int, default=None, help="default: 10%% of --steps")
     parser.add_argument("--weight_decay", type=float, default=0.1)
+    parser.add_argument("--decay_embeddings", action=argparse.BooleanOptionalAction, default=True,
+                        help="keras_clip also decays token/positional embeddings, as open_clip does "
+                             "(--no-decay_embeddings: keras_clip's default exclusions)")
     parser.add_argument("--precision", choices=sorted(PRECISIONS), default="float32")
     parser.add_argument("--frameworks", nargs="+", choices=FRAMEWORKS, default=list(FRAMEWORKS))
     parser.add_argument("--warmup_skip", type=int, default=5,
@@ -296,7 +300,7 @@ def _train_keras_clip(args, seed, table, image_dir, run_dir):
         global_batch_size=args.batch_size, steps=args.steps, learning_rate=args.learning_rate,
         warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
         precision=PRECISIONS[args.precision][0], seed=seed, model_dir=os.path.join(run_dir, "model"),
-        checkpoint_every=args.steps, shuffle_buffer=10_000,
+        checkpoint_every=args.steps, shuffle_buffer=10_000, decay_embeddings=args.decay_embeddings,
     )
     ends, losses = [], []
 
@@ -463,9 +467,13 @@ def main(argv=None):
           f"partial batch dropped). open_clip: a CSV of {pairs:,} rows written per seed "
           f"({math.ceil(pairs / len(train))} pass(es) over the {len(train):,} images, a different "
           f"caption each pass), one open_clip epoch of {args.steps} steps, DataLoader shuffle.")
-    print("Not aligned (each trainer's own choice): initial weights, data order and crops, input "
-          "pipeline (tf.data vs DataLoader with 1 worker), weight-decay exclusions (open_clip also "
-          "decays token and positional embeddings; keras_clip does not).")
+    decay_note = ("weight decay on the same tensors (keras_clip with decay_embeddings=True: every "
+                  "matrix including token and positional embeddings, as open_clip)"
+                  if args.decay_embeddings else
+                  "NOT the same weight-decay exclusions (open_clip also decays token and positional "
+                  "embeddings; keras_clip's default does not)")
+    print(f"Aligned: {decay_note}. Not aligned (each trainer's own choice): initial weights, data "
+          "order and crops, input pipeline (tf.data vs DataLoader with 1 worker).")
     skip = max(min(args.warmup_skip, args.steps // 4), 0)
     print(f"pairs/s: training steps {skip + 1}-{args.steps} (first {skip} left out); median: "
           "batch size / median step time of the same steps; train s: all steps; wall s: the whole training process (start-up, imports, data setup, saving included); loss: "

@@ -55,7 +55,7 @@ def test_two_workers_reproduce_one_process_with_the_global_batch(setup, tmp_path
     assert single.returncode == 0, single.stdout[-3000:] + single.stderr[-3000:]
     launched = subprocess.run(
         [sys.executable, str(REPO / "training" / "launch.py"), "--num_workers=2", "--",
-         *_flags(setup, tmp_path / "multi", ["--strategy=multiworker"])],
+         *_flags(setup, tmp_path / "multi", ["--strategy=multiworker", "--time_collectives_steps=3"])],
         env=_env(), capture_output=True, text=True, timeout=900)
     assert launched.returncode == 0, launched.stdout[-5000:] + launched.stderr[-3000:]
     assert "[worker 1]" in launched.stdout and "all 2 workers finished" in launched.stdout
@@ -68,6 +68,14 @@ def test_two_workers_reproduce_one_process_with_the_global_batch(setup, tmp_path
     assert one["per_replica_logits_shape"] == [2 * PER_REPLICA_BATCH, 2 * PER_REPLICA_BATCH]
     assert len(two["loss_history"]) == STEPS
     np.testing.assert_allclose(two["loss_history"], one["loss_history"], rtol=1e-5)
+    # The communication probe ran the step's collectives at the step's sizes.
+    collectives = two["collectives"]
+    params = CLIP(**TINY).count_params()
+    assert collectives["num_replicas"] == 2
+    assert collectives["gathered_bytes"] == 2 * (2 * PER_REPLICA_BATCH) * TINY["embed_dim"] * 4
+    assert collectives["all_reduced_bytes"] == 4 * params
+    assert min(collectives[k] for k in ("empty_ms", "all_gather_ms", "gradient_all_reduce_ms")) >= 0
+    assert "collectives" not in one
     final_two = CLIP.from_preset(str(tmp_path / "multi" / "preset")).get_weights()
     final_one = CLIP.from_preset(str(tmp_path / "single" / "preset")).get_weights()
     for a, b in zip(final_two, final_one):

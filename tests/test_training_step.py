@@ -145,20 +145,25 @@ def test_temperature_stays_at_most_100_during_training():
     assert float(model.logit_scale()) <= 100.0 + 1e-4
 
 
-def test_weight_decay_skips_gains_biases_embeddings_and_temperature():
+@pytest.mark.parametrize("decay_embeddings", [False, True])
+def test_weight_decay_skips_gains_biases_embeddings_and_temperature(decay_embeddings):
     model = CLIP.from_preset("clip_rn_tiny")
-    optimizer = create_optimizer(model, learning_rate=0.1, weight_decay=0.5)
+    optimizer = create_optimizer(model, learning_rate=0.1, weight_decay=0.5,
+                                 decay_embeddings=decay_embeddings)
     variables = model.trainable_variables
     before = [np.asarray(v) for v in variables]
     optimizer.apply([tf.zeros_like(v) for v in variables], variables)
+    decayed = set()
     for variable, old in zip(variables, before):
         new = np.asarray(variable)
-        if is_weight_decayed(variable):  # decoupled decay: w <- w * (1 - lr * wd)
+        if not np.array_equal(new, old):  # decoupled decay: w <- w * (1 - lr * wd)
             np.testing.assert_allclose(new, old * (1 - 0.1 * 0.5), rtol=1e-5, atol=1e-7)
-        else:
-            np.testing.assert_array_equal(new, old)
-    excluded = {v.path.rsplit("/", 1)[-1] for v in variables if not is_weight_decayed(v)}
-    assert excluded == {"gamma", "beta", "bias", "embeddings", "positional_embedding", "log_scale"}
+            decayed.add(variable.path)
+    expected = {v.path for v in variables if is_weight_decayed(v, decay_embeddings=decay_embeddings)}
+    assert decayed == expected
+    excluded = {v.path.rsplit("/", 1)[-1] for v in variables if v.path not in decayed}
+    embeddings = {"embeddings", "positional_embedding"}
+    assert excluded == {"gamma", "beta", "bias", "log_scale"} | (set() if decay_embeddings else embeddings)
     assert optimizer.beta_2 == 0.98 and optimizer.epsilon == 1e-8  # ResNet epsilon
 
 

@@ -31,6 +31,7 @@ _HELP = {
     "warmup_steps": "Linear warm-up steps.",
     "weight_decay": "AdamW decoupled weight decay.",
     "clipnorm": "Gradient clipping norm (unset: off).",
+    "decay_embeddings": "Also weight-decay the token and positional embeddings (open_clip's rule).",
     "precision": "float32 | mixed_bfloat16 | mixed_float16.",
     "jit_compile": "auto | true | false (XLA for the towers).",
     "strategy": "one_device | mirrored | multiworker (TF_CONFIG).",
@@ -41,6 +42,8 @@ _HELP = {
     "demo_examples": "Size of the generated demo training set.",
     "shuffle_buffer": "Shuffle buffer (records).",
     "max_train_seconds": "Stop (with a checkpoint) after this many seconds; 0: never.",
+    "time_collectives_steps": "After training, time the all-gather and gradient all-reduce alone "
+                              "this many times each (summary.json 'collectives'); 0: off.",
 }
 for field in dataclasses.fields(TrainConfig):
     default = getattr(_DEFAULTS, field.name)

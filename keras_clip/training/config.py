@@ -22,6 +22,8 @@ class TrainConfig:
         learning_rate: peak learning rate after warm-up.
         warmup_steps: linear warm-up steps.
         weight_decay: AdamW decoupled weight decay.
+        decay_embeddings: also apply weight decay to the token and positional
+            embeddings (open_clip's rule); off by default.
         clipnorm: gradient clipping norm (None: off).
         precision: `float32`, `mixed_bfloat16` or `mixed_float16` (loss scaling).
         jit_compile: `auto` (on where a GPU is present; XLA on CPU was measured
@@ -35,6 +37,9 @@ class TrainConfig:
         demo_examples: size of the generated demo training set.
         shuffle_buffer: records in the shuffle buffer.
         max_train_seconds: stop early (after a checkpoint) when exceeded; 0 = never.
+        time_collectives_steps: after training, time the step's all-gather and
+            gradient all-reduce on their own this many times each
+            (`keras_clip.training.collectives`); 0 = off.
     """
 
     preset: str = "clip_vit_tiny"
@@ -47,6 +52,7 @@ class TrainConfig:
     learning_rate: float = 1e-3
     warmup_steps: int = 30
     weight_decay: float = 0.1
+    decay_embeddings: bool = False
     clipnorm: float | None = None
     precision: str = "float32"
     jit_compile: str = "auto"
@@ -58,8 +64,11 @@ class TrainConfig:
     demo_examples: int = 8000
     shuffle_buffer: int = 2000
     max_train_seconds: float = 0.0
+    time_collectives_steps: int = 0
 
     def validate(self):
+        if self.time_collectives_steps < 0:
+            raise ValueError(f"`time_collectives_steps` must be >= 0. Received: {self.time_collectives_steps}")
         if self.global_batch_size <= 0:
             raise ValueError(f"`global_batch_size` must be positive. Received: {self.global_batch_size}")
         if self.precision not in ("float32", "mixed_bfloat16", "mixed_float16"):

@@ -163,7 +163,7 @@ def build_model_and_optimizer(config, total_steps):
     model = CLIP.from_preset(config.preset, dtype=config.precision)
     schedule = WarmupCosineDecay(config.learning_rate, config.warmup_steps, total_steps)
     optimizer = create_optimizer(model, schedule, weight_decay=config.weight_decay,
-                                 clipnorm=config.clipnorm)
+                                 clipnorm=config.clipnorm, decay_embeddings=config.decay_embeddings)
     if config.precision == "mixed_float16":
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     model.compile(optimizer=optimizer, jit_compile=_jit_enabled(config.jit_compile))
@@ -303,6 +303,12 @@ def run(config=None, strategy=None, step_callback=None):
         "per_replica_logits_shape": logits_shapes[0] if logits_shapes else None,
         "stopped_early": deadline_hit,
     }
+    if config.time_collectives_steps > 0:  # every worker: the collectives must match
+        from keras_clip.training.collectives import time_collectives
+
+        summary["collectives"] = time_collectives(model, strategy, config.global_batch_size,
+                                                  steps=config.time_collectives_steps)
+        logging.info("Collectives alone (ms/step): %s", summary["collectives"])
     if is_chief:
         model.save_to_preset(os.path.join(config.model_dir, "preset"))
         if val_spec:

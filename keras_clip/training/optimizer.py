@@ -53,17 +53,21 @@ class WarmupCosineDecay(keras.optimizers.schedules.LearningRateSchedule):
         }
 
 
-def is_weight_decayed(variable):
-    """Weight decay applies to matrices and kernels only.
+def is_weight_decayed(variable, decay_embeddings=False):
+    """Whether AdamW's decoupled weight decay applies to `variable`.
 
-    Excluded, as in the paper and open_clip: gains and biases (every variable with
-    fewer than 2 dimensions, which also covers BatchNorm/LayerNorm parameters and the
-    class embedding), the temperature, and the token/positional embeddings.
+    Never decayed: gains and biases (every variable with fewer than 2 dimensions,
+    which also covers BatchNorm/LayerNorm parameters and the class embedding) and
+    the temperature, as in the paper and open_clip. By default the token and
+    positional embeddings are not decayed either; `decay_embeddings=True` decays
+    them, which is open_clip's rule (it excludes only tensors with fewer than 2
+    dimensions, norms, biases and the logit scale) and the paper's wording ("all
+    weights that are not gains or biases").
     """
     path = variable.path
-    if len(variable.shape) < 2:
+    if len(variable.shape) < 2 or "log_scale" in path:
         return False
-    return not any(name in path for name in ("embedding", "log_scale"))
+    return decay_embeddings or "embedding" not in path
 
 
 def create_optimizer(
@@ -74,6 +78,7 @@ def create_optimizer(
     beta_2=VIT_BETAS[1],
     epsilon=None,
     clipnorm=None,
+    decay_embeddings=False,
 ):
     """AdamW over `model` with the paper's defaults and weight-decay exclusions.
 
@@ -84,6 +89,8 @@ def create_optimizer(
         beta_1, beta_2: Adam betas (0.9, 0.98).
         epsilon: Adam epsilon; default 1e-6 for ViTs, 1e-8 for ResNets.
         clipnorm: optional float, clip each gradient tensor to this norm.
+        decay_embeddings: bool. Also decay the token and positional embeddings
+            (open_clip's rule); see `is_weight_decayed`.
 
     Returns:
         A `keras.optimizers.AdamW`.
@@ -99,6 +106,7 @@ def create_optimizer(
         clipnorm=clipnorm,
     )
     optimizer.exclude_from_weight_decay(
-        var_list=[v for v in model.trainable_variables if not is_weight_decayed(v)]
+        var_list=[v for v in model.trainable_variables
+                  if not is_weight_decayed(v, decay_embeddings=decay_embeddings)]
     )
     return optimizer

@@ -1,0 +1,122 @@
+"""Timing of a training step's cross-replica communication, without the compute.
+
+`CLIP.train_step` communicates twice per step: the all-gather of the image and text
+features (forward, plus its gradient on the way back) and the all-reduce of the
+gradients that the optimizer performs. In a real step these overlap with compute
+and with each other, so their cost cannot be read from the step time alone. This
+module runs each one on its own, with the shapes and dtypes of the real step, on
+the same strategy (so over the same cluster and transport), and reports the
+milliseconds per step of each against an empty step that only reads its input.
+
+Every worker must call `time_collectives` the same number of times: the
+collectives are matched across workers in call order.
+"""
+import time
+
+import tensorflow as tf
+
+from keras_clip import distribute
+
+
+def _per_replica_input(strategy, local_batch, embed_dim, dtype):
+    """An iterator of per-replica `(local_batch, embed_dim)` features.
+
+    The probes take their input from a distributed dataset, as the training step
+    does: under `MultiWorkerMirroredStrategy` a collective needs values placed on
+    the replicas' devices.
+    """
+
+    def dataset_fn(input_context):
+        del input_context
+        features = tf.random.stateless_normal([local_batch, embed_dim], seed=[1, 2], dtype=dtype)
+        return tf.data.Dataset.from_tensors(features).repeat()
+
+    return iter(strategy.distribute_datasets_from_function(dataset_fn))
+
+
+def time_collectives(model, strategy, global_batch_size, steps=20, warmup=3):
+    """Milliseconds per step of the step's collectives, each run alone.
+
+    Args:
+        model: the `CLIP` being trained (its embedding width, compute dtype and
+            trainable variables give the shapes).
+        strategy: the `tf.distribute` strategy of the run.
+        global_batch_size: pairs per step across all replicas.
+        steps: timed repetitions of each probe.
+        warmup: untimed repetitions first (tracing, connection set-up).
+
+    Returns:
+        dict: `empty_ms` (a step that only reads its input); `all_gather_ms`: image
+        and text features gathered, with the gradient of the gather computed, as in
+        the step, minus `empty_ms`; `gradient_all_reduce_ms`: one SUM all-reduce of
+        tensors shaped like every trainable variable, minus the same step without
+        the all-reduce (filling the tensors); both floored at 0; and
+        `gathered_bytes` / `all_reduced_bytes` per replica per step.
+    """
+    num_replicas = strategy.num_replicas_in_sync
+    local_batch = global_batch_size // num_replicas
+    dtype = tf.as_dtype(model.compute_dtype)
+    shapes = [(tuple(v.shape), tf.as_dtype(v.dtype)) for v in model.trainable_variables]
+
+    def empty(features):
+        return tf.reduce_sum(features)
+
+    def all_gather(features):
+        image, text = features, features * 2.0
+        with tf.GradientTape() as tape:
+            tape.watch([image, text])
+            all_image = distribute.gather_with_gradient(image)
+            all_text = distribute.gather_with_gradient(text)
+            objective = tf.reduce_sum(all_image * all_text)
+        image_grad, text_grad = tape.gradient(objective, [image, text])
+        return tf.reduce_sum(image_grad) + tf.reduce_sum(text_grad)
+
+    def fake_gradients(features):
+        value = tf.reduce_sum(tf.cast(features, tf.float32))
+        return [tf.fill(shape, tf.cast(value, variable_dtype)) for shape, variable_dtype in shapes]
+
+    def first_elements(tensors):
+        return tf.add_n([tf.cast(tf.reshape(t, [-1])[0], tf.float32) for t in tensors])
+
+    def fill_only(features):
+        return first_elements(fake_gradients(features))
+
+    def gradient_all_reduce(features):
+        context = tf.distribute.get_replica_context()
+        return first_elements(context.all_reduce(tf.distribute.ReduceOp.SUM, fake_gradients(features)))
+
+    def timed(replica_fn):
+        iterator = _per_replica_input(strategy, local_batch, model.embed_dim, dtype)
+
+        @tf.function
+        def probe():
+            return strategy.run(replica_fn, args=(next(iterator),))
+
+        def once():
+            for value in strategy.experimental_local_results(probe()):
+                value.numpy()  # waits for the collective to finish
+
+        for _ in range(warmup):
+            once()
+        start = time.perf_counter()
+        for _ in range(steps):
+            once()
+        return 1000.0 * (time.perf_counter() - start) / steps
+
+    empty_ms = timed(empty)
+    gather_ms = timed(all_gather)
+    fill_ms = timed(fill_only)
+    all_reduce_ms = timed(gradient_all_reduce)
+    itemsize = dtype.size
+    return {
+        "steps": steps,
+        "num_replicas": num_replicas,
+        "empty_ms": round(empty_ms, 3),
+        "all_gather_ms": round(max(gather_ms - empty_ms, 0.0), 3),
+        "gradient_all_reduce_ms": round(max(all_reduce_ms - fill_ms, 0.0), 3),
+        "gathered_bytes": 2 * global_batch_size * model.embed_dim * itemsize,
+        "all_reduced_bytes": sum(
+            int(tf.TensorShape(shape).num_elements()) * variable_dtype.size
+            for shape, variable_dtype in shapes
+        ),
+    }
