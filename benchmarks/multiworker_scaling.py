@@ -59,14 +59,16 @@ def main():
                   f"{1000 * step_s:.0f} ms/step")
         one = results[1]["train_seconds"] / (results[1]["steps"] - 1)
         two = results[2]["train_seconds"] / (results[2]["steps"] - 1)
-        print(f"2-worker step time / 1-worker step time: {two / one:.2f} "
-              f"(overhead {1000 * (two - one):.0f} ms/step: all-gather + gradient all-reduce + "
-              f"2 processes sharing {os.cpu_count()} cores)")
+        print(f"2-worker step time / 1-worker step time: {two / one:.2f}; each step does twice the "
+              f"compute on the same {os.cpu_count()} cores, so 2-worker step - 2 x 1-worker step = "
+              f"{1000 * (two - 2 * one):+.0f} ms/step is what communication adds net of overlap "
+              "and of the two processes' different threading")
         c = results[2]["collectives"]
         print(f"Collectives alone, 2 workers, {c['steps']} repetitions each (after training, same "
               f"cluster): all-gather of features + its gradient {c['all_gather_ms']:.1f} ms/step "
               f"({c['gathered_bytes'] / 1024:.0f} KiB gathered), gradient all-reduce "
-              f"{c['gradient_all_reduce_ms']:.1f} ms/step ({c['all_reduced_bytes'] / 2**20:.1f} MiB), "
+              f"{c['gradient_all_reduce_ms']:.1f} ms/step ({c['all_reduced_bytes'] / 2**20:.1f} MiB, "
+              f"token-embedding gradient as {c['sparse_gradient_rows']} rows), "
               f"empty step {c['empty_ms']:.1f} ms; all-gather share of the 2-worker step "
               f"{100 * c['all_gather_ms'] / (1000 * two):.1f}%")
 

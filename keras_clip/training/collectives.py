@@ -13,6 +13,7 @@ collectives are matched across workers in call order.
 """
 import time
 
+import keras
 import tensorflow as tf
 
 from keras_clip import distribute
@@ -50,13 +51,22 @@ def time_collectives(model, strategy, global_batch_size, steps=20, warmup=3):
         and text features gathered, with the gradient of the gather computed, as in
         the step, minus `empty_ms`; `gradient_all_reduce_ms`: one SUM all-reduce of
         tensors shaped like every trainable variable, minus the same step without
-        the all-reduce (filling the tensors); both floored at 0; and
-        `gathered_bytes` / `all_reduced_bytes` per replica per step.
+        the all-reduce (filling the tensors); both floored at 0;
+        `gathered_bytes`: image + text features of the global batch;
+        `all_reduced_bytes`: gradient values each replica contributes (dense
+        tensors, plus `sparse_gradient_rows` rows of each embedding table).
     """
     num_replicas = strategy.num_replicas_in_sync
     local_batch = global_batch_size // num_replicas
     dtype = tf.as_dtype(model.compute_dtype)
     shapes = [(tuple(v.shape), tf.as_dtype(v.dtype)) for v in model.trainable_variables]
+    # The gradient of an embedding lookup is sparse (`tf.IndexedSlices`: one row per
+    # token), and the strategy all-reduces it as such (by gathering the rows). The
+    # probe sends as many rows as an untrimmed batch has tokens, an upper bound.
+    sparse_paths = {layer.embeddings.path for layer in model._flatten_layers()
+                    if isinstance(layer, keras.layers.Embedding)}
+    sparse_rows = local_batch * model.context_length
+    is_sparse = [v.path in sparse_paths for v in model.trainable_variables]
 
     def empty(features):
         return tf.reduce_sum(features)
@@ -73,10 +83,22 @@ def time_collectives(model, strategy, global_batch_size, steps=20, warmup=3):
 
     def fake_gradients(features):
         value = tf.reduce_sum(tf.cast(features, tf.float32))
-        return [tf.fill(shape, tf.cast(value, variable_dtype)) for shape, variable_dtype in shapes]
+        gradients = []
+        for (shape, variable_dtype), sparse in zip(shapes, is_sparse):
+            if sparse:
+                rows = tf.fill((sparse_rows,) + shape[1:], tf.cast(value, variable_dtype))
+                indices = tf.range(sparse_rows, dtype=tf.int64) % shape[0]
+                gradients.append(tf.IndexedSlices(rows, indices, tf.constant(shape, tf.int64)))
+            else:
+                gradients.append(tf.fill(shape, tf.cast(value, variable_dtype)))
+        return gradients
 
     def first_elements(tensors):
-        return tf.add_n([tf.cast(tf.reshape(t, [-1])[0], tf.float32) for t in tensors])
+        firsts = []
+        for t in tensors:
+            t = t.values if isinstance(t, tf.IndexedSlices) else t
+            firsts.append(tf.cast(tf.reshape(t, [-1])[0], tf.float32))
+        return tf.add_n(firsts)
 
     def fill_only(features):
         return first_elements(fake_gradients(features))
@@ -116,7 +138,9 @@ def time_collectives(model, strategy, global_batch_size, steps=20, warmup=3):
         "gradient_all_reduce_ms": round(max(all_reduce_ms - fill_ms, 0.0), 3),
         "gathered_bytes": 2 * global_batch_size * model.embed_dim * itemsize,
         "all_reduced_bytes": sum(
-            int(tf.TensorShape(shape).num_elements()) * variable_dtype.size
-            for shape, variable_dtype in shapes
+            (sparse_rows * int(tf.TensorShape(shape[1:]).num_elements()) if sparse
+             else int(tf.TensorShape(shape).num_elements())) * variable_dtype.size
+            for (shape, variable_dtype), sparse in zip(shapes, is_sparse)
         ),
+        "sparse_gradient_rows": sparse_rows if any(is_sparse) else 0,
     }
