@@ -143,3 +143,19 @@ def _kill_worker_and_check(launcher, model_dir):
     out, err = launcher.communicate(timeout=300)
     assert launcher.returncode != 0
     assert f"worker 1 (pid {victim}) killed by signal 9" in err
+
+
+def test_collective_probe_in_one_process_reports_sizes_and_no_communication():
+    import tensorflow as tf
+
+    from keras_clip.training.collectives import time_collectives
+
+    model = CLIP(**TINY)
+    result = time_collectives(model, tf.distribute.OneDeviceStrategy("/cpu:0"), global_batch_size=6,
+                              steps=2, warmup=1)
+    vocabulary_rows, width = model.text.token_embedding.embeddings.shape
+    assert result["num_replicas"] == 1
+    assert result["gathered_bytes"] == 2 * 6 * TINY["embed_dim"] * 4
+    assert result["sparse_gradient_rows"] == 6 * TINY["context_length"]
+    assert result["all_reduced_bytes"] == 4 * (model.count_params() - vocabulary_rows * width
+                                               + 6 * TINY["context_length"] * width)
