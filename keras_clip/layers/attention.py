@@ -74,8 +74,8 @@ class CLIPAttention(keras.layers.Layer):
     def call(self, x, causal=False):
         batch, length = ops.shape(x)[0], ops.shape(x)[1]
         # A split, not slicing: the gradient of a split is a concatenation, while
-        # that of a strided slice (StridedSliceGrad) cost a quarter of a training step
-        # on CPU.
+        # that of a strided slice (StridedSliceGrad) took ~150 ms of a 900 ms
+        # clip_vit_tiny training step on CPU.
         heads = (batch, length, self.num_heads, self.head_dim)
         q, k, v = (ops.reshape(t, heads) for t in ops.split(self.qkv(x), 3, axis=-1))  # (B, T, H, Dh)
         q = q * ops.cast(1.0 / math.sqrt(self.head_dim), q.dtype)
