@@ -4,6 +4,8 @@ import math
 import keras
 from keras import ops
 
+from keras_clip.layers.initializers import torch_default_kernel
+
 
 @keras.saving.register_keras_serializable(package="keras_clip")
 class CLIPAttention(keras.layers.Layer):
@@ -17,8 +19,11 @@ class CLIPAttention(keras.layers.Layer):
     Args:
         hidden_dim: int. Width of the input and output.
         num_heads: int. Number of heads; must divide `hidden_dim`.
-        kernel_initializer: initializer of the packed projection.
-        output_kernel_initializer: initializer of the output projection.
+        kernel_initializer: initializer of the packed projection (default
+            `glorot_uniform`, PyTorch's `xavier_uniform_` on `in_proj_weight`).
+        output_kernel_initializer: initializer of the output projection (default
+            `None`: PyTorch's `nn.Linear` default). Both biases start at zero, as in
+            `nn.MultiheadAttention`.
 
     Call arguments:
         x: float tensor `(batch, length, hidden_dim)`.
@@ -38,7 +43,7 @@ class CLIPAttention(keras.layers.Layer):
         hidden_dim,
         num_heads,
         kernel_initializer="glorot_uniform",
-        output_kernel_initializer="glorot_uniform",
+        output_kernel_initializer=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -53,7 +58,9 @@ class CLIPAttention(keras.layers.Layer):
         self.num_heads = num_heads
         self.head_dim = hidden_dim // num_heads
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
-        self.output_kernel_initializer = keras.initializers.get(output_kernel_initializer)
+        self.output_kernel_initializer = keras.initializers.get(
+            output_kernel_initializer or torch_default_kernel()
+        )
         self.qkv = keras.layers.Dense(
             3 * hidden_dim,
             kernel_initializer=self.kernel_initializer,

@@ -4,6 +4,8 @@ import math
 import keras
 from keras import ops
 
+from keras_clip.layers.initializers import torch_default_bias
+
 
 @keras.saving.register_keras_serializable(package="keras_clip")
 class AttentionPool2D(keras.layers.Layer):
@@ -39,11 +41,17 @@ class AttentionPool2D(keras.layers.Layer):
         self.output_dim = output_dim
         self.head_dim = hidden_dim // num_heads
         std = hidden_dim**-0.5
-        init = keras.initializers.RandomNormal(stddev=std)
-        self.q_proj = keras.layers.Dense(hidden_dim, kernel_initializer=init, name="q_proj", dtype=self.dtype_policy)
-        self.k_proj = keras.layers.Dense(hidden_dim, kernel_initializer=init, name="k_proj", dtype=self.dtype_policy)
-        self.v_proj = keras.layers.Dense(hidden_dim, kernel_initializer=init, name="v_proj", dtype=self.dtype_policy)
-        self.c_proj = keras.layers.Dense(output_dim, kernel_initializer=init, name="c_proj", dtype=self.dtype_policy)
+        # Weights as OpenAI's `initialize_parameters`, biases as `nn.Linear`'s default.
+        def dense(units, name):
+            return keras.layers.Dense(
+                units, kernel_initializer=keras.initializers.RandomNormal(stddev=std),
+                bias_initializer=torch_default_bias(hidden_dim), name=name, dtype=self.dtype_policy,
+            )
+
+        self.q_proj = dense(hidden_dim, "q_proj")
+        self.k_proj = dense(hidden_dim, "k_proj")
+        self.v_proj = dense(hidden_dim, "v_proj")
+        self.c_proj = dense(output_dim, "c_proj")
 
     def build(self, input_shape):
         self.positional_embedding = self.add_weight(

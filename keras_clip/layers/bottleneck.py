@@ -1,6 +1,8 @@
 """Bottleneck residual block of CLIP's modified ResNet."""
 import keras
 
+from keras_clip.layers.initializers import torch_default_kernel
+
 
 @keras.saving.register_keras_serializable(package="keras_clip")
 class Bottleneck(keras.layers.Layer):
@@ -36,10 +38,12 @@ class Bottleneck(keras.layers.Layer):
         self.batch_norm_epsilon = batch_norm_epsilon
         out_channels = filters * self.expansion
         conv = lambda n, k, name: keras.layers.Conv2D(  # noqa: E731
-            n, k, use_bias=False, name=name, dtype=self.dtype_policy
+            n, k, use_bias=False, kernel_initializer=torch_default_kernel(), name=name,
+            dtype=self.dtype_policy,
         )
-        bn = lambda name: keras.layers.BatchNormalization(  # noqa: E731
-            epsilon=batch_norm_epsilon, momentum=0.9, name=name, dtype=self.dtype_policy
+        bn = lambda name, gamma="ones": keras.layers.BatchNormalization(  # noqa: E731
+            epsilon=batch_norm_epsilon, momentum=0.9, gamma_initializer=gamma, name=name,
+            dtype=self.dtype_policy,
         )
         self.conv1, self.bn1 = conv(filters, 1, "conv1"), bn("bn1")
         self.pad2 = keras.layers.ZeroPadding2D(1, dtype=self.dtype_policy, name="pad2")
@@ -48,7 +52,9 @@ class Bottleneck(keras.layers.Layer):
             keras.layers.AveragePooling2D(stride, name="avgpool", dtype=self.dtype_policy)
             if stride > 1 else None
         )
-        self.conv3, self.bn3 = conv(out_channels, 1, "conv3"), bn("bn3")
+        # Zero gain on the residual branch's last BatchNorm: each block starts as the
+        # identity (OpenAI's `initialize_parameters`).
+        self.conv3, self.bn3 = conv(out_channels, 1, "conv3"), bn("bn3", gamma="zeros")
         self.has_downsample = stride > 1 or input_channels != out_channels
         if self.has_downsample:
             self.downsample_pool = (

@@ -3,6 +3,7 @@ import keras
 
 from keras_clip.layers.activations import get_activation
 from keras_clip.layers.attention import CLIPAttention
+from keras_clip.layers.initializers import torch_default_bias, torch_default_kernel
 
 
 @keras.saving.register_keras_serializable(package="keras_clip")
@@ -15,9 +16,14 @@ class ResidualAttentionBlock(keras.layers.Layer):
         intermediate_dim: int. Hidden width of the MLP (4 * hidden_dim in every CLIP).
         activation: `"quick_gelu"` (OpenAI weights) or `"gelu"` (most LAION weights).
         layer_norm_epsilon: float. 1e-5 as in PyTorch (Keras defaults to 1e-3).
-        attention_std: std of the normal init of the packed qkv projection.
-        projection_std: std of the init of the attention-output and MLP-output projections.
-        mlp_std: std of the init of the MLP input projection.
+        attention_std: std of the normal init of the packed qkv projection; `None`:
+            PyTorch's `nn.MultiheadAttention` default (xavier uniform).
+        projection_std: std of the normal init of the attention-output and MLP-output
+            projections; `None`: PyTorch's `nn.Linear` default.
+        mlp_std: std of the normal init of the MLP input projection; `None`: PyTorch's
+            `nn.Linear` default.
+        The MLP biases always start as `nn.Linear`'s (uniform in +-1/sqrt(fan_in)), the
+        attention biases at zero: the reference sets only weight matrices.
 
     Call arguments:
         x: `(batch, length, hidden_dim)`.
@@ -34,9 +40,9 @@ class ResidualAttentionBlock(keras.layers.Layer):
         intermediate_dim,
         activation="quick_gelu",
         layer_norm_epsilon=1e-5,
-        attention_std=0.02,
-        projection_std=0.02,
-        mlp_std=0.02,
+        attention_std=None,
+        projection_std=None,
+        mlp_std=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -53,15 +59,20 @@ class ResidualAttentionBlock(keras.layers.Layer):
         self.projection_std = projection_std
         self.mlp_std = mlp_std
         self._activation_fn = get_activation(activation)
-        normal = keras.initializers.RandomNormal
+        def init(std):
+            return torch_default_kernel() if std is None else keras.initializers.RandomNormal(stddev=std)
+
         self.ln_1 = keras.layers.LayerNormalization(
             epsilon=layer_norm_epsilon, name="ln_1", dtype=self.dtype_policy
         )
         self.attn = CLIPAttention(
             hidden_dim,
             num_heads,
-            kernel_initializer=normal(stddev=attention_std),
-            output_kernel_initializer=normal(stddev=projection_std),
+            kernel_initializer=(
+                "glorot_uniform" if attention_std is None
+                else keras.initializers.RandomNormal(stddev=attention_std)
+            ),
+            output_kernel_initializer=init(projection_std),
             name="attn",
             dtype=self.dtype_policy,
         )
@@ -69,11 +80,13 @@ class ResidualAttentionBlock(keras.layers.Layer):
             epsilon=layer_norm_epsilon, name="ln_2", dtype=self.dtype_policy
         )
         self.c_fc = keras.layers.Dense(
-            intermediate_dim, kernel_initializer=normal(stddev=mlp_std), name="c_fc",
+            intermediate_dim, kernel_initializer=init(mlp_std),
+            bias_initializer=torch_default_bias(hidden_dim), name="c_fc",
             dtype=self.dtype_policy,
         )
         self.c_proj = keras.layers.Dense(
-            hidden_dim, kernel_initializer=normal(stddev=projection_std), name="c_proj",
+            hidden_dim, kernel_initializer=init(projection_std),
+            bias_initializer=torch_default_bias(intermediate_dim), name="c_proj",
             dtype=self.dtype_policy,
         )
 
@@ -110,12 +123,19 @@ class ResidualAttentionBlock(keras.layers.Layer):
 
 
 def residual_attention_blocks(hidden_dim, num_layers, num_heads, intermediate_dim, activation,
-                              layer_norm_epsilon, dtype=None):
-    """`num_layers` blocks named `resblocks_{i}`, with OpenAI's initialisation scales.
+                              layer_norm_epsilon, dtype=None, openai_init=True):
+    """`num_layers` blocks named `resblocks_{i}`, initialised as the reference does.
 
-    Attention std `hidden_dim^-0.5`, output projections `hidden_dim^-0.5 (2 L)^-0.5`,
-    MLP input `(2 hidden_dim)^-0.5`, as OpenAI's `initialize_parameters`.
+    `openai_init=True` (text tower): OpenAI's `initialize_parameters` scales, attention
+    std `hidden_dim^-0.5`, output projections `hidden_dim^-0.5 (2 L)^-0.5`, MLP input
+    `(2 hidden_dim)^-0.5`. `False` (ViT image tower, which neither OpenAI nor open_clip
+    initialises): PyTorch's defaults for every weight.
     """
+    stds = dict(
+        attention_std=hidden_dim**-0.5,
+        projection_std=hidden_dim**-0.5 * (2 * num_layers) ** -0.5,
+        mlp_std=(2 * hidden_dim) ** -0.5,
+    ) if openai_init else {}
     return [
         ResidualAttentionBlock(
             hidden_dim,
@@ -123,11 +143,9 @@ def residual_attention_blocks(hidden_dim, num_layers, num_heads, intermediate_di
             intermediate_dim,
             activation=activation,
             layer_norm_epsilon=layer_norm_epsilon,
-            attention_std=hidden_dim**-0.5,
-            projection_std=hidden_dim**-0.5 * (2 * num_layers) ** -0.5,
-            mlp_std=(2 * hidden_dim) ** -0.5,
             name=f"resblocks_{i}",
             dtype=dtype,
+            **stds,
         )
         for i in range(num_layers)
     ]

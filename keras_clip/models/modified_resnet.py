@@ -3,6 +3,7 @@ import keras
 
 from keras_clip.layers.attention_pool import AttentionPool2D
 from keras_clip.layers.bottleneck import Bottleneck
+from keras_clip.layers.initializers import torch_default_kernel
 
 
 @keras.saving.register_keras_serializable(package="keras_clip")
@@ -72,7 +73,8 @@ class CLIPModifiedResNet(keras.layers.Layer):
 
         dt = self.dtype_policy
         conv = lambda n, stride, name: keras.layers.Conv2D(  # noqa: E731
-            n, 3, strides=stride, use_bias=False, name=name, dtype=dt
+            n, 3, strides=stride, use_bias=False, kernel_initializer=torch_default_kernel(),
+            name=name, dtype=dt,
         )
         bn = lambda name: keras.layers.BatchNormalization(  # noqa: E731
             epsilon=batch_norm_epsilon, momentum=0.9, name=name, dtype=dt

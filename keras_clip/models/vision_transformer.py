@@ -2,12 +2,17 @@
 import keras
 from keras import ops
 
+from keras_clip.layers.initializers import torch_default_kernel
 from keras_clip.layers.residual_attention_block import residual_attention_blocks
 
 
 @keras.saving.register_keras_serializable(package="keras_clip")
 class CLIPVisionTransformer(keras.layers.Layer):
     """ViT image tower of CLIP (Dosovitskiy et al., 2020, with CLIP's changes).
+
+    Initialised as the reference: the class token, positional embedding and projection
+    from `N(0, hidden_dim^-1)`, everything else with PyTorch's defaults (OpenAI's and
+    open_clip's ViTs have no init of their own).
 
     Patchify convolution without bias, a class token, learned positional embedding,
     an extra LayerNorm before the transformer (`ln_pre`, CLIP's one change to ViT),
@@ -69,14 +74,14 @@ class CLIPVisionTransformer(keras.layers.Layer):
 
         self.conv1 = keras.layers.Conv2D(
             hidden_dim, patch_size, strides=patch_size, use_bias=False, name="conv1",
-            dtype=self.dtype_policy,
+            kernel_initializer=torch_default_kernel(), dtype=self.dtype_policy,
         )
         self.ln_pre = keras.layers.LayerNormalization(
             epsilon=layer_norm_epsilon, name="ln_pre", dtype=self.dtype_policy
         )
         self.resblocks = residual_attention_blocks(
             hidden_dim, num_layers, num_heads, intermediate_dim, activation,
-            layer_norm_epsilon, dtype=self.dtype_policy,
+            layer_norm_epsilon, dtype=self.dtype_policy, openai_init=False,
         )
         self.ln_post = keras.layers.LayerNormalization(
             epsilon=layer_norm_epsilon, name="ln_post", dtype=self.dtype_policy
