@@ -16,9 +16,11 @@ and not keras_clip's default, the seeds, the training transform (RandomResizedCr
 contrastive loss with the temperature capped at 100, and the precision (fp32 by
 default; `--precision bf16`: keras_clip `mixed_bfloat16`, open_clip `amp_bf16`).
 
-Left as each trainer does it (printed with the results): weight initialisation, data
-order and crops (same seed values, different random generators), and the input
-pipeline (tf.data vs a torch DataLoader with one worker process).
+The initialisation scheme is the same too (keras_clip follows the reference's, tested
+against a fresh open_clip model); the random draws are each framework's own. Left as
+each trainer does it (printed with the results): the initial weights drawn, data order
+and crops (same seed values, different random generators), and the input pipeline
+(tf.data vs a torch DataLoader with one worker process).
 
 Training data: the 6,000 Flickr8k `train` images with their 5 captions each. keras_clip
 reads a table of them (one caption drawn per image per epoch); open_clip reads a CSV that
@@ -474,8 +476,9 @@ def main(argv=None):
                   if args.decay_embeddings else
                   "NOT the same weight-decay exclusions (open_clip also decays token and positional "
                   "embeddings; keras_clip's default does not)")
-    print(f"Aligned: {decay_note}. Not aligned (each trainer's own choice): initial weights, data "
-          "order and crops, input pipeline (tf.data vs DataLoader with 1 worker).")
+    print(f"Aligned: {decay_note}; the initialisation scheme (the reference's). Not aligned (each "
+          "trainer's own random draws and choices): the initial weights drawn, data order and "
+          "crops, input pipeline (tf.data vs DataLoader with 1 worker).")
     skip = max(min(args.warmup_skip, args.steps // 4), 0)
     print(f"pairs/s: training steps {skip + 1}-{args.steps} (first {skip} left out); median: "
           "batch size / median step time of the same steps; train s: all steps; wall s: the whole training process (start-up, imports, data setup, saving included); loss: "

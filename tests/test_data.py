@@ -120,6 +120,10 @@ def seeded_epochs(flickr_shards):
     return [_drain(dataset) for _ in range(3)]
 
 
+def _take(dataset, batches):
+    return _drain(dataset.take(batches))
+
+
 # --------------------------------------------------------------------------
 # Converters
 # --------------------------------------------------------------------------
@@ -270,6 +274,18 @@ def test_same_seed_with_skip_records_resumes_the_same_stream(flickr_shards, seed
     assert len(resumed["keys"]) == 28
     for name in ("keys", "token_ids", "images"):
         np.testing.assert_array_equal(resumed[name], first[name][12:])
+
+
+def test_repeat_streams_the_reshuffled_epochs_and_skip_resumes_across_them(flickr_shards, seeded_epochs):
+    # One repeating dataset (what the training loop builds once per run) yields
+    # exactly the epochs of re-iterating a dataset: reshuffled, captions and crops
+    # redrawn; a fresh one skipping 50 records (1.25 passes) continues that stream.
+    epochs = {name: np.concatenate([e[name] for e in seeded_epochs]) for name in seeded_epochs[0]}
+    stream = _take(_train_dataset(flickr_shards, seed=0, repeat=True), 30)  # 3 passes of 10 batches
+    resumed = _take(_train_dataset(flickr_shards, seed=0, repeat=True, skip_records=52), 17)
+    for name in ("keys", "token_ids", "images"):
+        np.testing.assert_array_equal(stream[name], epochs[name])
+        np.testing.assert_array_equal(resumed[name], epochs[name][52:])
 
 
 # --------------------------------------------------------------------------

@@ -10,6 +10,7 @@ stages, with no Python in the per-example path:
 
     source records (per-worker shard)
       -> [training] zip with a per-element random seed, shuffle encoded records
+      -> [repeat] repeat: every pass reshuffled and redrawn
       -> skip(skip_records)
       -> parse, pick a caption, drop blank captions and non-images  (parallel)
       -> number the records consecutively, then one sentinel record
@@ -25,9 +26,10 @@ per-element seed is drawn from `tf.data.Dataset.random` *before* the shuffle, so
 it travels with its record: a run resumed with `skip_records` sees the same
 remaining examples with the same captions and crops. Each new iteration over the
 same dataset object (a Keras epoch) reshuffles and redraws, reproducibly; a new
-dataset object starts again from the first stream. A trainer that wants to
-resume in the middle of epoch `e` should therefore build one dataset per epoch
-with a per-epoch seed (say `seed + e`) and `skip_records`.
+dataset object starts again from the first stream. A trainer therefore builds one
+`repeat=True` dataset for the whole run and resumes at step `n` with
+`skip_records` = the records that `n` steps consumed: skipping happens before
+parsing, over shuffled indices and seeds only, so it is cheap even many passes in.
 
 Bad records never reach the model and never stop training; see
 `PipelineCounters` for how they are counted.
@@ -281,6 +283,7 @@ def _build_pipeline(
     scale,
     return_keys,
     element_shards=(1, 0),
+    repeat=False,
 ):
     """Everything after the source; see the module docstring.
 
@@ -317,6 +320,10 @@ def _build_pipeline(
         )
     else:
         dataset = source.map(lambda record: (record, tf.constant(0, tf.int64)))
+    if repeat:
+        # Each pass re-iterates the shuffle and the seed stream, so it is reshuffled
+        # and redrawn, reproducibly: the whole infinite stream is fixed by `seed`.
+        dataset = dataset.repeat()
     num_shards, shard_id = element_shards
     if num_shards > 1:
         dataset = dataset.batch(batch_size).shard(num_shards, shard_id).unbatch()
@@ -407,7 +414,7 @@ _COMMON_ARGS_DOC = """
             the last partial batch. False: keep the record order, take each
             image's first non-blank caption, preprocess exactly as
             `CLIPImagePreprocessor` (resize, center crop, normalise), keep the
-            last partial batch. Neither mode repeats.
+            last partial batch.
         seed: optional non-negative int. With a seed, record order, captions and
             crops are reproducible and the parallel maps are deterministic.
         shuffle_buffer: int, records in the shuffle buffer (encoded, so memory
@@ -415,10 +422,16 @@ _COMMON_ARGS_DOC = """
         input_context: optional `tf.distribute.InputContext`; the pipeline then
             reads its share (by file when there are at least
             `num_input_pipelines` files, else by element).
+        repeat: bool. Loop over the records forever, each pass reshuffled with new
+            captions and crops; with `seed` the whole stream is reproducible, and
+            batches run on across passes (only an infinite stream drops nothing).
+            One dataset object then serves a whole training run: building one
+            (tracing the decoding and tokenizing graphs) takes seconds.
         skip_records: int, records to skip after shuffling and before parsing
             (so skipping is cheap), to resume mid-epoch: with the same `seed`,
             the first iteration is the rest of the first iteration of a dataset
-            built without skipping. These are records, not examples: records
+            built without skipping; with `repeat`, the rest of the whole stream
+            (passes included). These are records, not examples: records
             later dropped as bad count too. Skipped records are not counted in
             `counters`.
         counters: optional `PipelineCounters` to update.
@@ -477,6 +490,7 @@ def tfrecord_dataset(
     shuffle_buffer=DEFAULT_SHUFFLE_BUFFER,
     input_context=None,
     skip_records=0,
+    repeat=False,
     counters=None,
     mean=OPENAI_MEAN,
     std=OPENAI_STD,
@@ -534,7 +548,8 @@ def tfrecord_dataset(
     return _build_pipeline(
         source, _parse_tfrecord, batch_size=per_replica_batch, image_size=image_size,
         context_length=context_length, training=training, seed=seed,
-        shuffle_buffer=shuffle_buffer, skip_records=skip_records, counters=counters, mean=mean, std=std,
+        shuffle_buffer=shuffle_buffer, skip_records=skip_records, repeat=repeat, counters=counters,
+        mean=mean, std=std,
         scale=scale, return_keys=return_keys,
         element_shards=(num_pipelines, pipeline_id) if by_element else (1, 0),
     )
@@ -559,6 +574,7 @@ def csv_dataset(
     shuffle_buffer=DEFAULT_SHUFFLE_BUFFER,
     input_context=None,
     skip_records=0,
+    repeat=False,
     counters=None,
     mean=OPENAI_MEAN,
     std=OPENAI_STD,
@@ -623,7 +639,8 @@ def csv_dataset(
     return _build_pipeline(
         source, extract, batch_size=per_replica_batch, image_size=image_size,
         context_length=context_length, training=training, seed=seed,
-        shuffle_buffer=shuffle_buffer, skip_records=skip_records, counters=counters, mean=mean, std=std,
+        shuffle_buffer=shuffle_buffer, skip_records=skip_records, repeat=repeat, counters=counters,
+        mean=mean, std=std,
         scale=scale, return_keys=return_keys,
         element_shards=(num_pipelines, pipeline_id),
     )
@@ -663,6 +680,7 @@ def tfds_dataset(
     shuffle_buffer=DEFAULT_SHUFFLE_BUFFER,
     input_context=None,
     skip_records=0,
+    repeat=False,
     counters=None,
     mean=OPENAI_MEAN,
     std=OPENAI_STD,
@@ -728,7 +746,8 @@ def tfds_dataset(
     return _build_pipeline(
         source, extract, batch_size=per_replica_batch, image_size=image_size,
         context_length=context_length, training=training, seed=seed,
-        shuffle_buffer=shuffle_buffer, skip_records=skip_records, counters=counters, mean=mean, std=std,
+        shuffle_buffer=shuffle_buffer, skip_records=skip_records, repeat=repeat, counters=counters,
+        mean=mean, std=std,
         scale=scale, return_keys=return_keys,
         element_shards=(num_pipelines, pipeline_id) if by_element else (1, 0),
     )

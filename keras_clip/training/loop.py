@@ -99,7 +99,7 @@ def count_records(spec, image_root=""):
 
 def make_dataset(spec, *, image_size, context_length, batch_size, training, seed=0,
                  image_root="", shuffle_buffer=2000, input_context=None, skip_records=0,
-                 counters=None):
+                 counters=None, repeat=False):
     """A batched dataset of `{"images", "token_ids"}` from any supported data spec."""
     from keras_clip.data import pipeline
 
@@ -107,6 +107,7 @@ def make_dataset(spec, *, image_size, context_length, batch_size, training, seed
         image_size=image_size, context_length=context_length, batch_size=batch_size,
         training=training, seed=seed, shuffle_buffer=shuffle_buffer,
         input_context=input_context, skip_records=skip_records, counters=counters,
+        repeat=repeat,
     )
     if spec.startswith("tfds:"):
         name, _, split = spec[len("tfds:"):].partition("/")
@@ -243,23 +244,25 @@ def run(config=None, strategy=None, step_callback=None):
     step, history, train_seconds, deadline_hit = start_step, [], 0.0, False
     first_step_seconds = 0.0  # tracing (and XLA compilation) happen in the first step
     start_time = time.time()
+    # One repeating dataset for the whole run (building one traces the decoding and
+    # tokenizing graphs: seconds per rebuild); a resumed run skips the records the
+    # finished steps consumed, before any parsing.
+    def dataset_fn(input_context):
+        per_replica = input_context.get_per_replica_batch_size(config.global_batch_size)
+        replicas_per_pipeline = max(
+            input_context.num_replicas_in_sync // input_context.num_input_pipelines, 1)
+        return make_dataset(
+            train_spec, image_size=model.image_size, context_length=model.context_length,
+            batch_size=config.global_batch_size, training=True, seed=config.seed,
+            image_root=config.image_root, shuffle_buffer=config.shuffle_buffer,
+            input_context=input_context, repeat=True,
+            skip_records=start_step * per_replica * replicas_per_pipeline, counters=counters,
+        )
+
+    iterator = iter(strategy.distribute_datasets_from_function(dataset_fn))
     while step < total_steps and not deadline_hit:
         epoch, step_in_epoch = divmod(step, steps_per_epoch)
         epoch_steps = min(steps_per_epoch - step_in_epoch, total_steps - step)
-
-        def dataset_fn(input_context, epoch=epoch, skip=step_in_epoch):
-            per_replica = input_context.get_per_replica_batch_size(config.global_batch_size)
-            replicas_per_pipeline = max(
-                input_context.num_replicas_in_sync // input_context.num_input_pipelines, 1)
-            return make_dataset(
-                train_spec, image_size=model.image_size, context_length=model.context_length,
-                batch_size=config.global_batch_size, training=True, seed=config.seed + epoch,
-                image_root=config.image_root, shuffle_buffer=config.shuffle_buffer,
-                input_context=input_context,
-                skip_records=skip * per_replica * replicas_per_pipeline, counters=counters,
-            ).repeat()
-
-        iterator = iter(strategy.distribute_datasets_from_function(dataset_fn))
         progbar = keras.utils.Progbar(epoch_steps, verbose=1 if is_chief else 0,
                                       stateful_metrics=list(model._trackers))
         if is_chief:
