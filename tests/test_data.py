@@ -281,7 +281,10 @@ def test_repeat_streams_the_reshuffled_epochs_and_skip_resumes_across_them(flick
     # exactly the epochs of re-iterating a dataset: reshuffled, captions and crops
     # redrawn; a fresh one skipping 50 records (1.25 passes) continues that stream.
     epochs = {name: np.concatenate([e[name] for e in seeded_epochs]) for name in seeded_epochs[0]}
-    stream = _take(_train_dataset(flickr_shards, seed=0, repeat=True), 30)  # 3 passes of 10 batches
+    repeated = _train_dataset(flickr_shards, seed=0, repeat=True)
+    assert repeated.cardinality() == tf.data.INFINITE_CARDINALITY
+    assert repeated.element_spec["images"].shape[0] == 4  # static: what distribution needs
+    stream = _take(repeated, 30)  # 3 passes of 10 batches
     resumed = _take(_train_dataset(flickr_shards, seed=0, repeat=True, skip_records=52), 17)
     for name in ("keys", "token_ids", "images"):
         np.testing.assert_array_equal(stream[name], epochs[name])

@@ -396,6 +396,10 @@ def _build_pipeline(
     dataset = dataset.map(lambda is_sentinel, decoded: decoded)
     dataset = dataset.batch(batch_size, drop_remainder=training, **parallel)
     dataset = dataset.map(tokenize, **parallel)
+    if repeat:
+        # filter() and ignore_errors() hide that the stream never ends; a multi-worker
+        # strategy would then fetch optionals and lose the static batch size.
+        dataset = dataset.apply(tf.data.experimental.assert_cardinality(tf.data.INFINITE_CARDINALITY))
     return dataset.prefetch(tf.data.AUTOTUNE)
 
 
