@@ -1,5 +1,16 @@
-"""keras_clip: CLIP for TensorFlow/Keras (models, training, export, serving)."""
+"""keras_clip: CLIP for TensorFlow/Keras (models, training, export, serving).
+
+Every third-party module the package imports is declared here: in `install_requires`
+when training, export, serving or checkpoint reading needs it, else in a named extra
+whose absence gives an error naming the extra (`keras_clip/optional.py`).
+"""
 from setuptools import find_packages, setup
+
+# Reading PyTorch `.pt` checkpoints (OpenAI, open_clip). safetensors and Hugging Face
+# folders need no torch.
+TORCH = ["torch>=2.6"]
+# Evaluation reports: PNG plots (matplotlib) and the linear probe's L-BFGS fit (scipy).
+EVAL = ["matplotlib>=3.7", "scipy>=1.10"]
 
 setup(
     name="keras_clip",
@@ -13,31 +24,34 @@ setup(
     packages=find_packages(include=["keras_clip", "keras_clip.*"]),
     package_data={"keras_clip": ["assets/*"], "keras_clip.zero_shot_data": ["*.json", "README.md"]},
     install_requires=[
+        # 2.20 is the first release whose tf-text ops TF Serving 2.20 links; the
+        # exported graphs and the MultiWorkerMirroredStrategy loop are tested on 2.21.
         "tensorflow>=2.20,<2.22",
-        "keras>=3.10,<4",
-        "keras-hub>=0.20",
         "tensorflow-text>=2.20,<2.22",
-        "tensorflow-datasets>=4.9",
         "tensorflow-serving-api>=2.20,<2.22",
-        "tensorboard>=2.20",
+        # Keras 3 with the TF backend (keras.ops, ExportArchive, weights.h5 presets).
+        "keras>=3.10,<4",
+        "tensorflow-datasets>=4.9",
         "absl-py>=2.0",
-        "numpy",
-        "safetensors>=0.4",
-        "huggingface-hub>=0.20",
-        "ftfy>=6.0",
+        "numpy>=1.26",
+        "grpcio>=1.60",  # serving/ client and local PredictionService
+        "protobuf>=4.25",  # TF Serving request/response messages
+        "safetensors>=0.4",  # open_clip / Hugging Face weights without pickles
+        "huggingface-hub>=0.20",  # named weight presets
+        "ftfy>=6.0",  # OpenAI's text cleaning in `tokenize()`
     ],
     extras_require={
-        # Reading PyTorch `.pt` checkpoints (OpenAI, open_clip). safetensors and
-        # Hugging Face folders need no torch.
-        "torch": ["torch>=2.1"],
+        "torch": TORCH,
+        "eval": EVAL,
         "test": [
             "pytest>=8",
-            "pillow",
+            "pillow>=10",
+            "psutil>=5.9",
             # Reference implementations for parity tests. torch is pinned so pip
             # takes the local CPU build instead of a multi-GB CUDA wheel.
             "torch==2.13.0",
             "open-clip-torch==3.3.0",
             "transformers>=4.40",
-        ],
+        ] + EVAL,
     },
 )

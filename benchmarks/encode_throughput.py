@@ -20,6 +20,7 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from tests import harness  # noqa: E402
 from tests import reference_models as ref  # noqa: E402
 from tests.reference import import_open_clip  # noqa: E402
 
@@ -54,7 +55,7 @@ def main():
     open_clip = import_open_clip()
     paths, _ = ref.flickr_samples(pathlib.Path(args.flickr), args.image_batch)
     _, captions = ref.flickr_samples(pathlib.Path(args.flickr), args.text_batch, split="train")
-    images = np.stack([ref.pil_preprocess(p, 224) for p in paths]).astype("float32")
+    images = np.stack([harness.pil_preprocess(p, 224) for p in paths]).astype("float32")
     tokens = open_clip.tokenize(captions)
     print(f"torch threads {torch.get_num_threads()}, image batch {len(images)}, text batch {len(captions)}")
 

@@ -17,6 +17,7 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from tests import harness  # noqa: E402
 from tests import reference_models as ref  # noqa: E402
 from tests.reference import import_open_clip  # noqa: E402
 
@@ -36,7 +37,7 @@ def main():
     tokens = open_clip.tokenize(captions)
     for name, spec in [("RN50", ref.FULL_RN50), ("ViT-B/32", ref.FULL_VIT_B32)]:
         reference = ref.open_clip_model(open_clip, spec, seed=1)
-        images = np.stack([ref.pil_preprocess(p, 224) for p in paths])
+        images = np.stack([harness.pil_preprocess(p, 224) for p in paths])
         with torch.no_grad():
             ref_image = reference.encode_image(torch.from_numpy(images).permute(0, 3, 1, 2), normalize=True).numpy()
             ref_text = reference.encode_text(tokens, normalize=True).numpy()

@@ -14,7 +14,6 @@ For N Flickr8k photos (224x224 JPEGs) at image_size 224 (no resize) and 336
 
     python benchmarks/preprocess_parity.py --num_flickr=500 --num_cifar=500
 """
-import io
 import os
 import pathlib
 import time
@@ -26,11 +25,8 @@ import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from keras_clip.preprocessing.image_preprocessor import (  # noqa: E402
-    OPENAI_MEAN,
-    OPENAI_STD,
-    CLIPImagePreprocessor,
-)
+from keras_clip.preprocessing.image_preprocessor import CLIPImagePreprocessor  # noqa: E402
+from tests import harness  # noqa: E402
 
 _REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 _DEFAULT_DATA = os.environ.get("KERAS_CLIP_SHARED_DATA", str(_REPO_ROOT.parent / "shared" / "data"))
@@ -42,31 +38,11 @@ flags.DEFINE_integer("num_cifar", 500, "CIFAR-10 test images to compare.")
 flags.DEFINE_integer("batch_size", 50, "Encoded images per layer call.")
 flags.DEFINE_bool("compare_tf_resize", True, "Also measure tf.image.resize(bicubic, antialias).")
 
-_MEAN = np.asarray(OPENAI_MEAN, np.float32)
-_STD = np.asarray(OPENAI_STD, np.float32)
 
 
-def pil_pipeline(data, image_size):
-    """OpenAI `_transform`: Resize(BICUBIC) -> CenterCrop -> RGB; uint8 levels."""
-    image = Image.open(io.BytesIO(data))
-    width, height = image.size
-    short, long = (width, height) if width <= height else (height, width)
-    new_long = int(image_size * long / short)
-    new_width, new_height = (image_size, new_long) if width <= height else (new_long, image_size)
-    if (new_height, new_width) != (height, width):
-        image = image.resize((new_width, new_height), Image.Resampling.BICUBIC)
-    top = int(round((new_height - image_size) / 2.0))
-    left = int(round((new_width - image_size) / 2.0))
-    image = image.crop((left, top, left + image_size, top + image_size))
-    return np.asarray(image.convert("RGB"))
-
-
-def normalise(levels):
-    return (levels.astype(np.float32) / np.float32(255.0) - _MEAN) / _STD
-
-
-def to_levels(normalised):
-    return np.round((normalised * _STD + _MEAN) * 255.0).astype(np.int64)
+pil_pipeline = harness.pil_resize_and_crop
+normalise = harness.normalise
+to_levels = harness.to_levels
 
 
 def tf_resize_pipeline(image_size):

@@ -40,6 +40,12 @@ FLAGS = flags.FLAGS
 def main(argv):
     del argv
     from keras_clip.evaluation.report import run_evaluation
+    from keras_clip.optional import import_optional
+
+    # Fail before any encoding when the report's packages are missing.
+    import_optional("matplotlib", "`python -m keras_clip.evaluate` (its PNG plots)")
+    if FLAGS.task == "linear_probe":
+        import_optional("scipy.optimize", "`--task=linear_probe`")
 
     baseline_fit = None
     if FLAGS.baseline_fit:

@@ -1,14 +1,10 @@
-"""Reference PyTorch models with random weights, and the reference image pipeline.
+"""Reference PyTorch models with random weights (the PIL pipeline is in `tests.harness`).
 
 Every parameter and BatchNorm statistic is perturbed away from its initial value
 (LayerNorm gains are not all ones, running variances are not all ones, ...), so a
 transposed or misplaced tensor in the converter changes the outputs.
 """
 import numpy as np
-from PIL import Image
-
-OPENAI_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
-OPENAI_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
 
 # Small configs of each family (OpenAI's head width of 64 is kept so that the
 # architecture can be inferred from the state dict as OpenAI's build_model does).
@@ -57,23 +53,6 @@ def open_clip_model(open_clip, spec, quick_gelu=True, seed=0):
         quick_gelu=quick_gelu,
     )
     return perturb_(model, seed).eval()
-
-
-def pil_preprocess(path, image_size):
-    """OpenAI's `_transform`: bicubic resize of the short side, center crop, normalise."""
-    image = Image.open(path).convert("RGB")
-    w, h = image.size
-    short, long = min(w, h), max(w, h)
-    new_short, new_long = image_size, int(image_size * long / short)
-    size = (new_short, new_long) if w <= h else (new_long, new_short)
-    if size != (w, h):
-        image = image.resize(size, Image.BICUBIC)
-    w, h = image.size
-    top = int(round((h - image_size) / 2.0))
-    left = int(round((w - image_size) / 2.0))
-    image = image.crop((left, top, left + image_size, top + image_size))
-    pixels = np.asarray(image, np.float32) / 255.0
-    return (pixels - OPENAI_MEAN) / OPENAI_STD  # (S, S, 3)
 
 
 def flickr_samples(flickr_dir, count, split="test"):

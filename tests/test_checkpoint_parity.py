@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 from keras_clip import CLIP
+from tests import harness
 from tests import reference_models as ref
 
 TOLERANCE = 1e-4
@@ -49,7 +50,7 @@ def test_openai_state_dict_matches_reference_implementation(
 
     paths, _, tokens = flickr_batch
     size = spec["vision"]["image_size"]
-    images = np.stack([ref.pil_preprocess(p, size) for p in paths])
+    images = np.stack([harness.pil_preprocess(p, size) for p in paths])
     ref_image, ref_text = _reference_embeddings(reference, images, tokens)
 
     model = CLIP.from_preset(str(path))
@@ -66,7 +67,7 @@ def test_torchscript_archive_matches_reference_implementation(
 
     reference = ref.open_clip_model(open_clip_module, ref.SMALL_VIT, seed=3)
     paths, _, tokens = flickr_batch
-    images = np.stack([ref.pil_preprocess(p, 64) for p in paths])
+    images = np.stack([harness.pil_preprocess(p, 64) for p in paths])
     traced = torch.jit.trace_module(
         reference,
         {"encode_image": torch.from_numpy(images[:1]).permute(0, 3, 1, 2)},
@@ -90,7 +91,7 @@ def test_open_clip_safetensors_with_gelu_matches_reference_implementation(
     save_file(state, str(folder / "open_clip_model.safetensors"))
     (folder / "open_clip_config.json").write_text('{"model_cfg": {"embed_dim": 64}}')
     paths, _, tokens = flickr_batch
-    images = np.stack([ref.pil_preprocess(p, 64) for p in paths])
+    images = np.stack([harness.pil_preprocess(p, 64) for p in paths])
     ref_image, ref_text = _reference_embeddings(reference, images, tokens)
     model = CLIP.from_preset(str(folder))
     assert model.activation == "gelu"
@@ -114,7 +115,7 @@ def test_hugging_face_folder_matches_transformers(flickr_batch, tmp_path):
     reference.save_pretrained(tmp_path / "hf", safe_serialization=True)
 
     paths, _, tokens = flickr_batch
-    images = np.stack([ref.pil_preprocess(p, 64) for p in paths])
+    images = np.stack([harness.pil_preprocess(p, 64) for p in paths])
     with torch.no_grad():
         pixel_values = torch.from_numpy(images).permute(0, 3, 1, 2)
         ref_image = reference.get_image_features(pixel_values=pixel_values)

@@ -2,32 +2,21 @@
 import csv
 import json
 
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_clip import CLIP
 from keras_clip.evaluation import zero_shot_eval
 from keras_clip.evaluation.datasets import load_classification_dataset, read_idx, split_indices
 from keras_clip.zero_shot import build_class_embeddings
-from tests.conftest import SHARED_DATA
+from tests import harness
 
-CIFAR10 = SHARED_DATA / "cifar10_test"
-MNIST = SHARED_DATA / "mnist_test"
 TEMPLATES = ["a photo of a {}.", "a blurry photo of a {}."]
-
-
-def tiny_clip(seed=0):
-    keras.utils.set_random_seed(seed)
-    return CLIP(embed_dim=32, image_size=32, vision_num_layers=1, vision_hidden_dim=32,
-                vision_num_heads=2, vision_patch_size=8, context_length=16,
-                text_hidden_dim=32, text_num_layers=1, text_num_heads=2)
 
 
 @pytest.fixture(scope="module")
 def model():
-    return tiny_clip()
+    return harness.tiny_clip()
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +39,8 @@ def _numpy_metrics(scores, labels, num_classes):
 
 
 @pytest.mark.parametrize("source", ["cifar10", "mnist"])
-def test_zero_shot_metrics_match_numpy_on_real_subsets(model, preprocessor, source):
+def test_zero_shot_metrics_match_numpy_on_real_subsets(model, preprocessor, source, cifar10_dir, mnist_dir):
+    CIFAR10, MNIST = cifar10_dir, mnist_dir
     data = load_classification_dataset(CIFAR10 if source == "cifar10" else MNIST,
                                        max_examples=100, seed=1)
     assert len(data) == 100 and data.num_classes == 10
@@ -103,9 +93,9 @@ def test_top5_and_mean_per_class_accuracy_match_numpy_on_imbalanced_classes():
     assert np.isnan(hand["per_class_accuracy"][1])
 
 
-def test_second_run_reads_cached_embeddings_without_encoding(model, preprocessor, tmp_path,
+def test_second_run_reads_cached_embeddings_without_encoding(model, preprocessor, tmp_path, cifar10_dir,
                                                              monkeypatch):
-    data = load_classification_dataset(CIFAR10, max_examples=20)
+    data = load_classification_dataset(cifar10_dir, max_examples=20)
     calls = []
     original = model.encode_image
     monkeypatch.setattr(model, "encode_image", lambda *a, **k: calls.append(1) or original(*a, **k))
@@ -120,7 +110,7 @@ def test_second_run_reads_cached_embeddings_without_encoding(model, preprocessor
     assert third["top1"] == first["top1"] and third["confusion_matrix"] == first["confusion_matrix"]
     assert second["templates"] == ["a {}."]
     # Other weights, or another subset, miss the cache.
-    other = tiny_clip(seed=1)
+    other = harness.tiny_clip(seed=1)
     assert (zero_shot_eval.embedding_cache_key(other, data)
             != zero_shot_eval.embedding_cache_key(model, data))
     assert (zero_shot_eval.embedding_cache_key(model, data.subset(np.arange(10)))
@@ -144,8 +134,8 @@ def test_effective_robustness_subtracts_logit_linear_baseline():
     assert "plain gap" in plain["definition"]
 
 
-def test_distribution_shift_reports_each_set_against_in_distribution(model, preprocessor):
-    cifar = load_classification_dataset(CIFAR10, max_examples=30)
+def test_distribution_shift_reports_each_set_against_in_distribution(model, preprocessor, cifar10_dir):
+    cifar = load_classification_dataset(cifar10_dir, max_examples=30)
     shifted = cifar.subset(np.arange(15), name="first_half")
     result = zero_shot_eval.evaluate_distribution_shift(model, cifar, {"first_half": shifted},
                                                         TEMPLATES, verbose=0)
@@ -186,7 +176,8 @@ def test_stratified_split_is_disjoint_and_keeps_class_mix():
     assert [np.bincount(labels[p]).tolist() for p in parts] == [[15] * 4, [5] * 4, [5] * 4]
 
 
-def test_cli_writes_json_markdown_and_png_on_cifar_subset(model, tmp_path):
+def test_cli_writes_json_markdown_and_png_on_cifar_subset(model, tmp_path, cifar10_dir):
+    CIFAR10 = cifar10_dir
     from keras_clip import evaluate
 
     preset = tmp_path / "preset"
@@ -223,14 +214,14 @@ def test_cli_writes_json_markdown_and_png_on_cifar_subset(model, tmp_path):
 
 
 @pytest.mark.parametrize("task", ["linear_probe", "retrieval"])
-def test_other_tasks_write_reports(model, task, tmp_path):
+def test_other_tasks_write_reports(model, task, tmp_path, flickr8k_dir, mnist_dir):
     from keras_clip.evaluation.report import run_evaluation
 
     if task == "retrieval":
-        flickr = SHARED_DATA / "flickr8k"
+        flickr = flickr8k_dir
         dataset, data_dir, png = flickr / "captions.tsv", flickr / "images", "recall_at_k.png"
     else:
-        dataset, data_dir, png = MNIST, None, "l2_sweep.png"
+        dataset, data_dir, png = mnist_dir, None, "l2_sweep.png"
     results = run_evaluation(task, "tiny", str(dataset), data_dir=data_dir and str(data_dir),
                              output_dir=str(tmp_path), max_examples=40, batch_size=40,
                              verbose=0, model=model)

@@ -6,15 +6,14 @@ import pathlib
 import subprocess
 import sys
 
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-import keras_clip
 from export import saved_model as export_lib
 from keras_clip.preprocessing.tokenizer import CLIPTokenizer
 from keras_clip.zero_shot import ZeroShotClassifier
+from tests import harness
 
 LABELS = ["dog", "child", "bicycle", "beach"]
 TEMPLATES = ["a photo of a {}.", "a blurry photo of a {}."]
@@ -26,12 +25,7 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 # -- shared with tests/test_serving.py --------------------------------------------------
 def tiny_clip():
     """A small random-weight CLIP (32px ViT, 16-token text) that exports in seconds."""
-    keras.utils.set_random_seed(0)
-    return keras_clip.CLIP(
-        embed_dim=32, image_size=32, vision_num_layers=1, vision_hidden_dim=32,
-        vision_num_heads=2, vision_patch_size=16, context_length=16, text_hidden_dim=32,
-        text_num_layers=1, text_num_heads=2,
-    )
+    return harness.tiny_clip(seed=0, vision_patch_size=16)
 
 
 def flickr8k_samples(flickr8k_dir, count=NUM_PHOTOS):
@@ -163,7 +157,13 @@ def exported(tmp_path_factory, flickr8k_dir):
 
 
 def test_reload_process_imports_only_tensorflow_and_tf_text(exported):
-    assert not exported["report"]["keras_clip_imported"]
+    report = exported["report"]
+    assert not report["keras_clip_imported"]
+    # Loading and calling the SavedModel never pulls in Keras: TF Serving has none.
+    assert not report["keras_imported"]
+    # The tokenizer's string ops come from tensorflow-text (linked by TF Serving), and
+    # every op is a TF core or tf-text op.
+    assert report["tf_text_ops_used"], report["ops"]
 
 
 def test_layout_is_tf_serving_version_folder(exported):

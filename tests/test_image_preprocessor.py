@@ -27,9 +27,8 @@ import tensorflow as tf
 from PIL import Image
 
 import keras
+from tests import harness
 from keras_clip.preprocessing.image_preprocessor import (
-    OPENAI_MEAN,
-    OPENAI_STD,
     CLIPImagePreprocessor,
     decode_image,
     resize_and_center_crop,
@@ -40,37 +39,10 @@ MAX_LEVEL_DIFF = 0  # 0-255 pixel levels, before normalisation
 MAX_NORMALISED_DIFF = 0.0  # after ToTensor + Normalize
 
 
-# ---------------------------------------------------------------------------
-# Reference: OpenAI's transform with PIL + numpy
-# ---------------------------------------------------------------------------
-
-
-def pil_pixels(image, image_size, resample=Image.Resampling.BICUBIC):
-    """Resize(image_size, BICUBIC) -> CenterCrop -> convert("RGB"), as uint8."""
-    if isinstance(image, bytes):
-        image = Image.open(io.BytesIO(image))
-    width, height = image.size
-    short, long = (width, height) if width <= height else (height, width)
-    new_long = int(image_size * long / short)  # torchvision's arithmetic
-    new_width, new_height = (image_size, new_long) if width <= height else (new_long, image_size)
-    if (new_height, new_width) != (height, width):
-        image = image.resize((new_width, new_height), resample)
-    top = int(round((new_height - image_size) / 2.0))
-    left = int(round((new_width - image_size) / 2.0))
-    image = image.crop((left, top, left + image_size, top + image_size))
-    return np.asarray(image.convert("RGB"))
-
-
-def normalise(pixels, mean=OPENAI_MEAN, std=OPENAI_STD):
-    """ToTensor + Normalize in float32, channels last."""
-    scaled = pixels.astype(np.float32) / np.float32(255.0)
-    return (scaled - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-
-
-def to_levels(normalised, mean=OPENAI_MEAN, std=OPENAI_STD):
-    """Inverse of `normalise`, rounded back to 0-255 levels."""
-    levels = (normalised * np.asarray(std, np.float32) + np.asarray(mean, np.float32)) * 255.0
-    return np.round(levels).astype(np.int64)
+# Reference: OpenAI's transform with PIL + numpy, from the shared harness
+pil_pixels = harness.pil_resize_and_crop
+normalise = harness.normalise
+to_levels = harness.to_levels
 
 
 def assert_matches_pil(ours, encoded, image_size):
@@ -87,10 +59,7 @@ def assert_matches_pil(ours, encoded, image_size):
     assert normalised_diff.max() <= MAX_NORMALISED_DIFF, stats
 
 
-def encode(image, fmt, **kwargs):
-    buffer = io.BytesIO()
-    image.save(buffer, fmt, **kwargs)
-    return buffer.getvalue()
+encode = harness.encode
 
 
 def bmp_bgra_bitfields(rgba):
@@ -169,9 +138,8 @@ def test_non_square_images_match_pil_shortest_side_and_center_crop(layers, photo
         assert_matches_pil(ours, encoded, image_size)
 
 
-def test_cifar10_jpegs_upscaled_to_224_match_pil(flickr8k_dir):
-    cifar10 = flickr8k_dir.parent / "cifar10_test"  # beside flickr8k/ in the shared data
-    assert cifar10.is_dir(), f"CIFAR-10 data not found at {cifar10}"
+def test_cifar10_jpegs_upscaled_to_224_match_pil(cifar10_dir):
+    cifar10 = cifar10_dir
     classes = (cifar10 / "classes.txt").read_text().split()
     paths = [cifar10 / "images" / name / f"{i:04d}.jpg" for name in classes for i in range(4)]
     encoded = [p.read_bytes() for p in paths]  # 40 images, 32x32 -> 224x224 (7x)

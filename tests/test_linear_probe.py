@@ -1,13 +1,11 @@
 """Linear probe: exact gradients, separable data, L2 chosen on validation, CIFAR-10 features."""
-import keras
 import numpy as np
 import pytest
 
-from keras_clip import CLIP
 from keras_clip.evaluation.datasets import load_classification_dataset, split_indices
 from keras_clip.evaluation.linear_probe import LogisticRegression, _loss_and_grad, linear_probe
 from keras_clip.evaluation.zero_shot_eval import encode_dataset
-from tests.conftest import SHARED_DATA
+from tests import harness
 
 
 def _blobs(n_per_class, num_classes, dim, spread, seed):
@@ -76,12 +74,9 @@ def test_regularisation_strength_is_chosen_on_validation():
     assert again["val_accuracy"] == result["val_accuracy"]
 
 
-def test_probe_on_cifar10_features_beats_chance():
-    keras.utils.set_random_seed(0)  # a tiny random-weight CLIP: features still carry colour
-    model = CLIP(embed_dim=32, image_size=32, vision_num_layers=1, vision_hidden_dim=32,
-                 vision_num_heads=2, vision_patch_size=8, context_length=16,
-                 text_hidden_dim=32, text_num_layers=1, text_num_heads=2)
-    data = load_classification_dataset(SHARED_DATA / "cifar10_test", max_examples=400, seed=0)
+def test_probe_on_cifar10_features_beats_chance(cifar10_dir):
+    model = harness.tiny_clip(seed=0)  # a random-weight CLIP: features still carry colour
+    data = load_classification_dataset(cifar10_dir, max_examples=400, seed=0)
     features = encode_dataset(model, data, batch_size=100, verbose=0)
     parts = split_indices(data.labels, [0.5, 0.25, 0.25], seed=0)
     train, val, test = [(features[i], data.labels[i]) for i in parts]

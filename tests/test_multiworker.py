@@ -12,11 +12,10 @@ import numpy as np
 import pytest
 
 from keras_clip import CLIP
+from tests import harness
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-TINY = dict(embed_dim=32, image_size=32, vision_architecture="vit", vision_num_layers=1,
-            vision_hidden_dim=64, vision_num_heads=2, vision_patch_size=8, context_length=24,
-            text_hidden_dim=64, text_num_layers=1, text_num_heads=2)
+TINY = harness.TINY_VIT_TRAIN
 PER_REPLICA_BATCH = 8
 STEPS = 6
 

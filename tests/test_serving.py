@@ -2,7 +2,6 @@
 
 Uses `tensorflow_model_server` when it is on PATH, else `serving/local_server.py`.
 """
-import os
 import shutil
 import socket
 import subprocess
@@ -15,7 +14,7 @@ import pytest
 import tensorflow as tf
 
 from serving.client import ClientError, CLIPClient
-from tests.test_export import (LABELS, REPO_ROOT, TOLERANCE, export_tiny, flickr8k_samples,
+from tests.test_export import (REPO_ROOT, TOLERANCE, export_tiny, flickr8k_samples,
                                keras_reference)
 
 

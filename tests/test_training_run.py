@@ -14,13 +14,12 @@ import pytest
 import tensorflow as tf
 
 from keras_clip import CLIP
+from tests import harness
 from keras_clip.training import TrainConfig, run
 from keras_clip.training.checkpointing import CheckpointKeeper
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-TINY = dict(embed_dim=32, image_size=32, vision_architecture="vit", vision_num_layers=1,
-            vision_hidden_dim=64, vision_num_heads=2, vision_patch_size=8, context_length=24,
-            text_hidden_dim=64, text_num_layers=1, text_num_heads=2)
+TINY = harness.TINY_VIT_TRAIN
 
 
 @pytest.fixture(scope="module")

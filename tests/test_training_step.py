@@ -12,12 +12,10 @@ import tensorflow as tf
 
 from keras_clip import CLIP, losses
 from keras_clip.training.optimizer import WarmupCosineDecay, create_optimizer, is_weight_decayed
+from tests import harness
 
 SCRIPTS = pathlib.Path(__file__).parent / "scripts"
-TINY = dict(embed_dim=32, image_size=32, vision_architecture="vit", vision_num_layers=1,
-            vision_hidden_dim=64, vision_num_heads=2, vision_patch_size=8, context_length=12,
-            vocabulary_size=500, text_hidden_dim=64, text_num_layers=1, text_num_heads=2,
-            end_token_id=499)
+TINY = harness.TINY_VIT_SMALL_VOCAB
 
 
 def _normalised(rng, n, d):

@@ -8,10 +8,8 @@ import pytest
 from keras_clip import CLIP
 from keras_clip.zero_shot import ZeroShotClassifier, build_class_embeddings, fill_templates
 from keras_clip.zero_shot_data import available_datasets, load_dataset_prompts
+from tests import harness
 from tests import reference_models as ref
-from tests.conftest import SHARED_DATA
-
-CIFAR10 = SHARED_DATA / "cifar10_test"
 TOLERANCE = 1e-5
 
 
@@ -27,8 +25,9 @@ def models(open_clip_module, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def cifar_sample():
+def cifar_sample(cifar10_dir):
     """Two CIFAR-10 test images per class (paths, labels), in class order."""
+    CIFAR10 = cifar10_dir
     with open(CIFAR10 / "labels.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     picked = [r for label in range(10) for r in [x for x in rows if int(x["label"]) == label][:2]]
@@ -93,7 +92,7 @@ def test_classifier_on_cifar10_predicts_like_open_clip(models, open_clip_module,
     paths, _ = cifar_sample
 
     weights = _reference_classifier(open_clip_module, reference, class_names, templates)
-    pixels = np.stack([ref.pil_preprocess(p, 64) for p in paths])  # (20, 64, 64, 3)
+    pixels = np.stack([harness.pil_preprocess(p, 64) for p in paths])  # (20, 64, 64, 3)
     with torch.no_grad():
         features = reference.encode_image(
             torch.from_numpy(pixels).permute(0, 3, 1, 2), normalize=True
@@ -173,7 +172,8 @@ def test_shipped_prompts_match_openai_lists():
     assert simple_classes == classes and simple[0] == "itap of a {}." and len(simple) == 7
 
     cifar10, _ = load_dataset_prompts("cifar10")
-    assert cifar10 == (CIFAR10 / "classes.txt").read_text().split()
+    assert cifar10 == ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                       "ship", "truck"]  # CIFAR-10's label order (batches.meta)
     expected_sizes = {"cifar10": (10, 18), "cifar100": (100, 18), "mnist": (10, 1),
                       "stl10": (10, 2), "food101": (101, 1), "oxford_pets": (37, 1),
                       "flowers102": (102, 1), "dtd": (47, 8), "eurosat": (10, 3),
@@ -187,3 +187,9 @@ def test_shipped_prompts_match_openai_lists():
                                              ['a photo of the number: "{}".'])
     with pytest.raises(ValueError, match="`name` must be one of"):
         load_dataset_prompts("imagenet21k")
+
+
+def test_shipped_class_names_follow_the_dataset_files(cifar10_dir, mnist_dir):
+    assert load_dataset_prompts("cifar10")[0] == (cifar10_dir / "classes.txt").read_text().split()
+    # MNIST's prompts use the digit; the folder's classes.txt spells it out, in label order.
+    assert len((mnist_dir / "classes.txt").read_text().split()) == len(load_dataset_prompts("mnist")[0])

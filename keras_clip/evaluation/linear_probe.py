@@ -14,7 +14,8 @@ the train-only fit.
 """
 import numpy as np
 from absl import logging
-from scipy import optimize
+
+from keras_clip.optional import import_optional
 
 DEFAULT_L2_GRID = tuple(10.0 ** np.arange(-6, 7))
 
@@ -72,6 +73,7 @@ class LogisticRegression:
             start = np.concatenate([initial.weights.ravel(), initial.bias])
         else:
             start = np.zeros(x.shape[1] * num_classes + num_classes)
+        optimize = import_optional("scipy.optimize", "The linear probe (L-BFGS fit)")
         result = optimize.minimize(
             _loss_and_grad, start, args=(x, y_onehot, self.l2), jac=True, method="L-BFGS-B",
             options={"maxiter": self.max_iter, "gtol": self.tolerance},

@@ -19,6 +19,7 @@ from keras_clip.evaluation import datasets as datasets_lib
 from keras_clip.evaluation import linear_probe as linear_probe_lib
 from keras_clip.evaluation import template_selection
 from keras_clip.evaluation import zero_shot_eval
+from keras_clip.optional import import_optional
 from keras_clip.zero_shot import DEFAULT_TEMPLATES, build_class_embeddings
 
 TASKS = ("zero_shot", "retrieval", "linear_probe")
@@ -29,12 +30,9 @@ TASKS = ("zero_shot", "retrieval", "linear_probe")
 # ----------------------------------------------------------------------------------
 
 def _pyplot():
-    import matplotlib
-
+    matplotlib = import_optional("matplotlib", "Evaluation plots")
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return import_optional("matplotlib.pyplot", "Evaluation plots")
 
 
 def plot_per_class_accuracy(per_class_accuracy, class_names, path, title="Per-class accuracy"):
