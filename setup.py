@@ -29,7 +29,13 @@ setup(
     extras_require={
         # Reading PyTorch `.pt` checkpoints (OpenAI, open_clip). safetensors and
         # Hugging Face folders need no torch.
-        "torch": ["torch>=2.1"],
+        # torch >= 2.10.0: older releases have published ways to run code through
+        # torch.load(weights_only=True), the only torch call keras_clip makes on
+        # downloaded files: CVE-2025-32434 (GHSA-53q9-r3pm-6pq6, torch <= 2.5.1, fixed
+        # in 2.6.0) and CVE-2026-24747 (GHSA-63cw-57p8-fm3p, memory corruption in the
+        # weights_only unpickler, torch <= 2.9.1, fixed in 2.10.0). Keep equal to
+        # keras_clip.convert.checkpoint.MIN_TORCH_VERSION, which read_state_dict enforces.
+        "torch": ["torch>=2.10.0"],
         "test": [
             "pytest>=8",
             "pillow",

@@ -56,7 +56,15 @@ def _bounded(value, limit, what, key, limit_name="MAX_HIDDEN_DIM"):
     return value
 
 
-def _num_heads(width, key, tower):
+def _num_heads(width, key, tower, heads=None):
+    """OpenAI's heads = width // 64, or a given head count (Hugging Face configs), checked."""
+    if heads is not None:
+        if not (isinstance(heads, int) and 1 <= heads <= width and width % heads == 0):
+            raise CheckpointError(
+                f"Unsupported checkpoint: the {tower} width {width} (from `{key}`) must split "
+                f"evenly into its attention heads; Received: num_heads={heads!r:.40}"
+            )
+        return heads
     heads = width // _HEAD_WIDTH
     if heads < 1 or width % heads:
         raise CheckpointError(
@@ -133,7 +141,7 @@ def _square_grid(tokens, extra, key):
     return grid
 
 
-def _vit_config(sd, embed_dim):
+def _vit_config(sd, embed_dim, num_heads=None):
     tower = "ViT image tower"
     width, channels, patch, patch_w = _expect_rank(
         sd, "visual.conv1.weight", 4, "width x 3 x patch x patch", tower
@@ -144,7 +152,7 @@ def _vit_config(sd, embed_dim):
             f"patch); Received: shape {(width, channels, patch, patch_w)}"
         )
     _bounded(width, MAX_HIDDEN_DIM, "an image tower width", "visual.conv1.weight")
-    heads = _num_heads(width, "visual.conv1.weight", tower)
+    heads = _num_heads(width, "visual.conv1.weight", tower, num_heads)
     tokens = _expect_rank(sd, "visual.positional_embedding", 2, "positions x width", tower)[0]
     grid = _square_grid(tokens, 1, "visual.positional_embedding")
     _expect(sd, "visual.positional_embedding", (tokens, width), tower)
@@ -203,7 +211,7 @@ def _resnet_config(sd, embed_dim):
     )
 
 
-def config_from_state_dict(sd):
+def config_from_state_dict(sd, text_num_heads=None, vision_num_heads=None):
     """CLIP constructor kwargs inferred from an OpenAI-layout state dict.
 
     Follows OpenAI's `build_model`: ViT if `visual.proj` exists, else a modified
@@ -211,6 +219,11 @@ def config_from_state_dict(sd):
     Before anything is built, every tensor the architecture needs is checked to be
     present with the shape the other tensors imply (block indices must run 0..N-1),
     so a crafted file cannot make keras_clip build a model larger than the file.
+
+    Args:
+        sd: `{key: array}` in OpenAI layout.
+        text_num_heads, vision_num_heads: head counts known from elsewhere (a Hugging
+            Face config); by default OpenAI's width // 64.
 
     Raises:
         CheckpointError: the tensors are not those of a CLIP with a ViT or modified
@@ -229,7 +242,7 @@ def config_from_state_dict(sd):
     tower = "text tower"
     text_width = _expect_rank(sd, "ln_final.weight", 1, "text width", tower)[0]
     _bounded(text_width, MAX_HIDDEN_DIM, "a text width", "ln_final.weight")
-    text_heads = _num_heads(text_width, "ln_final.weight", tower)
+    text_heads = _num_heads(text_width, "ln_final.weight", tower, text_num_heads)
     _expect(sd, "ln_final.bias", (text_width,), tower)
     projection = _expect_rank(sd, "text_projection", 2, "text width x embedding dim", tower)
     _expect(sd, "text_projection", (text_width, projection[1]), tower)
@@ -241,7 +254,7 @@ def config_from_state_dict(sd):
     text_layers, text_intermediate = _transformer_blocks(sd, "transformer.resblocks.", text_width, tower)
 
     if "visual.proj" in sd:
-        config = _vit_config(sd, embed_dim)
+        config = _vit_config(sd, embed_dim, vision_num_heads)
     elif "visual.layer1.0.conv1.weight" in sd and "visual.attnpool.positional_embedding" in sd:
         config = _resnet_config(sd, embed_dim)
     else:

@@ -288,7 +288,7 @@ class _ArchiveReader:
         view = np.lib.stride_tricks.as_strided(
             data[storage_offset:], shape=size, strides=[s * data.itemsize for s in stride], writeable=False
         )
-        return np.array(view)  # own, contiguous copy
+        return np.array(view, order="C")  # own, contiguous, writeable copy
 
     # ---- class declarations from code/ (read as text, never run) -------------------
 
