@@ -239,6 +239,13 @@ def config_from_state_dict(sd, text_num_heads=None, vision_num_heads=None):
             "Unsupported checkpoint: not a CLIP state dict in OpenAI/open_clip layout "
             f"(missing {missing}; first keys: {sample})"
         )
+    vit = "visual.proj" in sd
+    if not vit and not ("visual.layer1.0.conv1.weight" in sd and "visual.attnpool.positional_embedding" in sd):
+        vision_keys = sorted(k for k in sd if k.startswith("visual."))[:5]
+        raise CheckpointError(
+            "Unsupported checkpoint: the image tower is neither a CLIP ViT (`visual.proj`) "
+            f"nor a modified ResNet (`visual.attnpool`). First visual keys: {vision_keys}"
+        )
     tower = "text tower"
     text_width = _expect_rank(sd, "ln_final.weight", 1, "text width", tower)[0]
     _bounded(text_width, MAX_HIDDEN_DIM, "a text width", "ln_final.weight")
@@ -253,16 +260,7 @@ def config_from_state_dict(sd, text_num_heads=None, vision_num_heads=None):
     _expect(sd, "positional_embedding", (context, text_width), tower)
     text_layers, text_intermediate = _transformer_blocks(sd, "transformer.resblocks.", text_width, tower)
 
-    if "visual.proj" in sd:
-        config = _vit_config(sd, embed_dim, vision_num_heads)
-    elif "visual.layer1.0.conv1.weight" in sd and "visual.attnpool.positional_embedding" in sd:
-        config = _resnet_config(sd, embed_dim)
-    else:
-        vision_keys = sorted(k for k in sd if k.startswith("visual."))[:5]
-        raise CheckpointError(
-            "Unsupported checkpoint: the image tower is neither a CLIP ViT (`visual.proj`) "
-            f"nor a modified ResNet (`visual.attnpool`). First visual keys: {vision_keys}"
-        )
+    config = _vit_config(sd, embed_dim, vision_num_heads) if vit else _resnet_config(sd, embed_dim)
     config.update(
         embed_dim=embed_dim,
         context_length=context,
