@@ -28,6 +28,7 @@ The archive layout follows PyTorch's `torch/csrc/jit/serialization/pickler.cpp` 
 import collections
 import pickle
 import re
+import struct
 import zipfile
 
 import numpy as np
@@ -78,6 +79,7 @@ class _Storage:
         self.storage_type = storage_type
         self.key = key
         self.numel = numel
+        self.handed_out = False
         self._array = None
 
     def array(self):
@@ -252,16 +254,34 @@ class _ArchiveReader:
 
     def storage_array(self, storage):
         dtype = storage.storage_type.dtype
-        raw_dtype = "<u2" if dtype == "bfloat16" else dtype
-        raw_dtype = np.dtype(raw_dtype)
+        raw_dtype = np.dtype("<u2" if dtype == "bfloat16" else dtype)
         if self.byteorder == "big":
             raw_dtype = raw_dtype.newbyteorder(">")
-        with self.archive.open(f"{self.root}/data/{storage.key}") as f:
-            data = f.read(storage.numel * raw_dtype.itemsize)
-        array = np.frombuffer(data, dtype=raw_dtype, count=storage.numel)
+        member = f"{self.root}/data/{storage.key}"
+        offset = self._stored_data_offset(member)
+        if offset is not None:  # uncompressed (as torch writes them): one read into the array
+            array = np.fromfile(self.path, dtype=raw_dtype, count=storage.numel, offset=offset)
+        else:
+            with self.archive.open(member) as f:
+                array = np.frombuffer(bytearray(f.read(storage.numel * raw_dtype.itemsize)), dtype=raw_dtype)
+        if array.size != storage.numel:
+            raise CheckpointError(f"Storage `{member}` is truncated: {array.size} of {storage.numel} elements")
         if dtype == "bfloat16":  # the upper half of a float32
             return (array.astype(np.uint32) << 16).view(np.float32)
         return array.astype(raw_dtype.newbyteorder("="), copy=False)
+
+    def _stored_data_offset(self, member):
+        """File offset of an uncompressed member's bytes, from its local header; else None."""
+        info = self.archive.getinfo(member)
+        if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:
+            return None
+        with open(self.path, "rb") as f:
+            f.seek(info.header_offset)
+            header = f.read(30)
+        if len(header) != 30 or header[:4] != b"PK\x03\x04":
+            raise CheckpointError(f"{self.path}: bad local zip header for `{member}`")
+        name_length, extra_length = struct.unpack("<HH", header[26:30])
+        return info.header_offset + 30 + name_length + extra_length
 
     def rebuild_tensor(self, storage, storage_offset, size, stride, *unused):
         if not isinstance(storage, _Storage):
@@ -285,6 +305,10 @@ class _ArchiveReader:
                 f"its storage `{storage.key}` of {storage.numel} elements"
             )
         data = storage.array()
+        contiguous = all(st == int(np.prod(size[i + 1:], dtype=object)) for i, st in enumerate(stride) if size[i] > 1)
+        if storage_offset == 0 and numel == storage.numel and contiguous and not storage.handed_out:
+            storage.handed_out = True  # the tensor owns the storage array: no second copy
+            return data.reshape(size)
         view = np.lib.stride_tricks.as_strided(
             data[storage_offset:], shape=size, strides=[s * data.itemsize for s in stride], writeable=False
         )
