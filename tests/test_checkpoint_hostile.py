@@ -319,3 +319,44 @@ def test_torch_floor_matches_setup_py():
     setup = open(os.path.join(os.path.dirname(__file__), "..", "setup.py")).read()
     floor = ".".join(map(str, checkpoint_module.MIN_TORCH_VERSION))
     assert f'"torch": ["torch>={floor}"]' in setup
+
+
+def test_compressed_storage_is_refused_not_inflated(tmp_path):
+    """A deflated storage could expand far beyond the file (a zip bomb); torch never writes one."""
+    path = str(tmp_path / "bomb.pt")
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("archive/data.pkl", _tensor_pickle(10**8, 0, (10**8,), (1,)))
+        archive.writestr("archive/constants.pkl", pickle.dumps((), protocol=2))
+        archive.writestr("archive/code/__torch__/model.py", "")
+        archive.writestr("archive/data/0", bytes(4 * 10**8), compress_type=zipfile.ZIP_DEFLATED)
+    assert os.path.getsize(path) < 1_000_000  # 400 MB of zeros in under 1 MB
+    with pytest.raises(CheckpointError) as info:
+        read_state_dict(path)
+    assert str(info.value) == (
+        "Storage `archive/data/0` is compressed; TorchScript archives store tensors uncompressed"
+    )
+
+
+def test_pickle_cannot_modify_the_objects_it_is_given(tmp_path):
+    # GLOBAL torch.FloatStorage, then BUILD {"dtype": "O"}: would retype every later storage.
+    payload = (
+        b"\x80\x02ctorch\nFloatStorage\n}X\x05\x00\x00\x00dtypeX\x01\x00\x00\x00Osb."
+    )
+    path = _write_archive(tmp_path / "build.pt", payload)
+    with pytest.raises(CheckpointError) as info:
+        read_state_dict(path)
+    assert str(info.value) == "Refusing a pickle that tries to modify `torch.FloatStorage` (BUILD)"
+
+
+def test_oversized_data_pickle_is_refused(tmp_path, monkeypatch):
+    from keras_clip.convert import torchscript
+
+    path = _write_archive(tmp_path / "big.pt", pickle.dumps({"x": list(range(1000))}, protocol=2))
+    monkeypatch.setattr(torchscript, "MAX_PICKLE_BYTES", 100)
+    with pytest.raises(CheckpointError) as info:
+        read_state_dict(path)
+    size = zipfile.ZipFile(path).getinfo("archive/data.pkl").file_size
+    assert str(info.value) == (
+        f"{path}: data.pkl is {size} bytes, more than the limit of 100 "
+        "(keras_clip.convert.torchscript.MAX_PICKLE_BYTES)"
+    )

@@ -42,6 +42,7 @@ MAX_TENSORS = 100_000  # state-dict entries (OpenAI's ViT-L/14: ~400)
 MAX_CLASSES = 10_000  # distinct `__torch__` classes referenced by data.pkl
 MAX_TENSOR_RANK = 16
 MAX_CODE_BYTES = 64 << 20  # total size of code/*.py read for parameter names
+MAX_PICKLE_BYTES = 64 << 20  # data.pkl (OpenAI's ViT-L/14: ~60 kB)
 
 # torch storage class -> numpy dtype (little-endian form; byte order applied later).
 _STORAGE_DTYPES = {
@@ -60,19 +61,48 @@ _STORAGE_DTYPES = {
 }
 
 
-class _StorageType:
-    """What `GLOBAL torch FloatStorage` (etc.) unpickles to: a dtype marker."""
+class _Frozen:
+    """Base of every object the unpickler hands out: a pickle `BUILD` cannot modify it."""
 
-    def __init__(self, name):
-        self.name = name
-        self.dtype = _STORAGE_DTYPES[name]
+    __slots__ = ()
+
+    def __setstate__(self, state):
+        raise CheckpointError(f"Refusing a pickle that tries to modify {self!r} (BUILD)")
+
+
+class _SafeCallable(_Frozen):
+    """An allowed global function, wrapped so that the pickle cannot set its attributes."""
+
+    __slots__ = ("function", "name")
+
+    def __init__(self, function, name):
+        object.__setattr__(self, "function", function)
+        object.__setattr__(self, "name", name)
+
+    def __call__(self, *args):
+        return self.function(*args)
 
     def __repr__(self):
-        return f"torch.{self.name}"
+        return f"`{self.name}`"
 
 
-class _Storage:
+class _StorageType(_Frozen):
+    """What `GLOBAL torch FloatStorage` (etc.) unpickles to: a dtype marker."""
+
+    __slots__ = ("name", "dtype")
+
+    def __init__(self, name):
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "dtype", _STORAGE_DTYPES[name])
+
+    def __repr__(self):
+        return f"`torch.{self.name}`"
+
+
+class _Storage(_Frozen):
     """A storage record `('storage', type, key, location, numel)`; bytes read lazily."""
+
+    __slots__ = ("reader", "storage_type", "key", "numel", "handed_out", "_array")
 
     def __init__(self, reader, storage_type, key, numel):
         self.reader = reader
@@ -81,6 +111,9 @@ class _Storage:
         self.numel = numel
         self.handed_out = False
         self._array = None
+
+    def __repr__(self):
+        return f"storage `{self.key}`"
 
     def array(self):
         if self._array is None:
@@ -107,6 +140,8 @@ class _ScriptObject:
         pass
 
     def __setstate__(self, state):
+        if not isinstance(self, _ScriptObject):  # BUILD applied to the class itself
+            raise CheckpointError("Refusing a pickle that tries to modify a TorchScript class (BUILD)")
         self.__dict__["_state"] = state
 
     def __repr__(self):
@@ -155,25 +190,24 @@ class _RestrictedUnpickler(pickle.Unpickler):
         return found
 
     def _safe_global(self, module, name):
-        if module == "torch._utils" and name == "_rebuild_tensor_v2":
-            return self.reader.rebuild_tensor
-        if module == "torch._utils" and name == "_rebuild_parameter":
-            return _rebuild_parameter
+        qualified = f"{module}.{name}"
         if module == "torch" and name in _STORAGE_DTYPES:
             return _StorageType(name)
-        if module == "torch" and name == "device":
-            return _device
-        if module == "collections" and name == "OrderedDict":
-            return collections.OrderedDict
-        if module == "torch.jit._pickle":
-            if name in ("build_intlist", "build_tensorlist", "build_doublelist", "build_boollist"):
-                return _identity_list
-            if name == "restore_type_tag":
-                return _restore_type_tag
-            if name == "build_tensor_from_id":
-                return _build_tensor_from_id
+        function = {
+            "torch._utils._rebuild_tensor_v2": self.reader.rebuild_tensor,
+            "torch._utils._rebuild_parameter": _rebuild_parameter,
+            "torch.device": _device,
+            "collections.OrderedDict": collections.OrderedDict,
+            "torch.jit._pickle.build_intlist": _identity_list,
+            "torch.jit._pickle.build_tensorlist": _identity_list,
+            "torch.jit._pickle.build_doublelist": _identity_list,
+            "torch.jit._pickle.build_boollist": _identity_list,
+            "torch.jit._pickle.restore_type_tag": _restore_type_tag,
+            "torch.jit._pickle.build_tensor_from_id": _build_tensor_from_id,
+        }.get(qualified)
+        if function is not None:
+            return _SafeCallable(function, qualified)
         if (module == "__torch__" or module.startswith("__torch__.")) and name.isidentifier():
-            qualified = f"{module}.{name}"
             if qualified not in self.classes:
                 if len(self.classes) >= MAX_CLASSES:
                     raise CheckpointError(
@@ -242,7 +276,12 @@ class _ArchiveReader:
         if member not in self.names:
             raise CheckpointError(f"{self.path} has no `{member}` for a tensor storage")
         itemsize = 2 if storage_type.dtype == "bfloat16" else np.dtype(storage_type.dtype).itemsize
-        available = self.archive.getinfo(member).file_size
+        info = self.archive.getinfo(member)
+        if info.compress_type != zipfile.ZIP_STORED:
+            # torch stores tensors uncompressed; a compressed one could expand far beyond
+            # the file's size (a zip bomb), so it is refused instead of inflated.
+            raise CheckpointError(f"Storage `{member}` is compressed; TorchScript archives store tensors uncompressed")
+        available = info.file_size
         if numel * itemsize > available:
             raise CheckpointError(
                 f"Storage `{member}` holds {available} bytes but its record declares "
@@ -258,12 +297,9 @@ class _ArchiveReader:
         if self.byteorder == "big":
             raw_dtype = raw_dtype.newbyteorder(">")
         member = f"{self.root}/data/{storage.key}"
+        # Stored (uncompressed, checked in `storage`): one read straight into the array.
         offset = self._stored_data_offset(member)
-        if offset is not None:  # uncompressed (as torch writes them): one read into the array
-            array = np.fromfile(self.path, dtype=raw_dtype, count=storage.numel, offset=offset)
-        else:
-            with self.archive.open(member) as f:
-                array = np.frombuffer(bytearray(f.read(storage.numel * raw_dtype.itemsize)), dtype=raw_dtype)
+        array = np.fromfile(self.path, dtype=raw_dtype, count=storage.numel, offset=offset)
         if array.size != storage.numel:
             raise CheckpointError(f"Storage `{member}` is truncated: {array.size} of {storage.numel} elements")
         if dtype == "bfloat16":  # the upper half of a float32
@@ -271,10 +307,10 @@ class _ArchiveReader:
         return array.astype(raw_dtype.newbyteorder("="), copy=False)
 
     def _stored_data_offset(self, member):
-        """File offset of an uncompressed member's bytes, from its local header; else None."""
+        """File offset of an uncompressed member's bytes, from its local zip header."""
         info = self.archive.getinfo(member)
-        if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:
-            return None
+        if info.flag_bits & 0x1:
+            raise CheckpointError(f"Storage `{member}` is encrypted")
         with open(self.path, "rb") as f:
             f.seek(info.header_offset)
             header = f.read(30)
@@ -348,6 +384,12 @@ class _ArchiveReader:
     # ---- the module tree -----------------------------------------------------------
 
     def load_root(self):
+        size = self.archive.getinfo(f"{self.root}/data.pkl").file_size
+        if size > MAX_PICKLE_BYTES:
+            raise CheckpointError(
+                f"{self.path}: data.pkl is {size} bytes, more than the limit of {MAX_PICKLE_BYTES} "
+                "(keras_clip.convert.torchscript.MAX_PICKLE_BYTES)"
+            )
         with self.archive.open(f"{self.root}/data.pkl") as f:
             return _RestrictedUnpickler(f, self).load()
 
