@@ -235,6 +235,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
 class _ClassDecl:
     def __init__(self, is_module):
         self.is_module = is_module
+        self.declared = False  # saw a __parameters__ line (else: all tensor attributes count)
         self.parameters = []
         self.buffers = []
 
@@ -375,6 +376,7 @@ class _ArchiveReader:
                         current = decls.setdefault(f"{module}.{match.group(1)}", _ClassDecl(match.group(2) == "Module"))
                 elif current is not None and line.startswith("  __parameters__ = ["):
                     current.parameters = _names_in_list(line)
+                    current.declared = True
                 elif current is not None and line.startswith("  __buffers__ = ["):
                     current.buffers = _names_in_list(line)
                 elif line and not line.startswith(" "):
@@ -426,7 +428,7 @@ def _collect(obj, prefix, decls, out, path):
                 "safetensors or a plain state dict on a machine you trust."
             )
         return
-    if decl is not None:
+    if decl is not None and decl.declared:
         names = decl.parameters + [b for b in decl.buffers if b not in decl.parameters]
     else:
         names = [k for k, v in state.items() if isinstance(v, np.ndarray)]
