@@ -63,6 +63,10 @@ def crafted_cases(folder):
         sd[f"transformer.resblocks.{i}.ln_1.weight"] = np.zeros(1, np.float32)
     cases.append(("30,000 fake transformer.resblocks.N keys", _safetensors(folder, "blocks", sd)))
     sd = tiny_vit_state_dict()
+    for i in range(2, 5_000):
+        sd[f"transformer.resblocks.{i}.ln_1.weight"] = np.zeros(1, np.float32)
+    cases.append(("5,000 fake transformer.resblocks.N keys", _safetensors(folder, "blocks5k", sd)))
+    sd = tiny_vit_state_dict()
     sd.update(_block("transformer.resblocks.5."))
     cases.append(("block indices 0,1,5 (gap)", _safetensors(folder, "gap", sd)))
     sd = tiny_vit_state_dict()

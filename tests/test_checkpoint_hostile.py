@@ -360,3 +360,33 @@ def test_oversized_data_pickle_is_refused(tmp_path, monkeypatch):
         f"{path}: data.pkl is {size} bytes, more than the limit of 100 "
         "(keras_clip.convert.torchscript.MAX_PICKLE_BYTES)"
     )
+
+
+def test_many_views_of_one_storage_are_refused(tmp_path):
+    """Every tensor is an own copy, so 1,000 full views of one storage would take 1,000x memory."""
+    views = [
+        _Reduce(torch._utils._rebuild_tensor_v2, _StorageRef("0", 1000), 0, (1000,), (1,), False,
+                collections.OrderedDict())
+        for _ in range(1000)
+    ]
+    buffer = io.BytesIO()
+    _TensorPickler(buffer, protocol=2).dump({f"w{i}": v for i, v in enumerate(views)})
+    path = _write_archive(tmp_path / "views.pt", buffer.getvalue(), {"0": bytes(4000)})
+    with pytest.raises(CheckpointError) as info:
+        read_state_dict(path)
+    assert str(info.value) == (
+        "Storage `0` of 1000 elements backs tensors of 5000 elements in all, more than 4x its size"
+    )
+
+
+def test_too_many_tensors_are_refused_before_reading_them(tmp_path):
+    from safetensors.numpy import save_file
+
+    path = str(tmp_path / "many.safetensors")
+    save_file({f"t{i}": np.zeros(1, np.float32) for i in range(10_001)}, path)
+    with pytest.raises(CheckpointError) as info:
+        read_state_dict(path)
+    assert str(info.value) == (
+        f"Checkpoint {path} holds 10001 tensors, more than the limit of 10000 "
+        "(keras_clip.convert.checkpoint.MAX_TENSORS); no CLIP has that many"
+    )

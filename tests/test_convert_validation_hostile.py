@@ -97,9 +97,24 @@ def test_tens_of_thousands_of_fake_blocks_rejected_fast_without_building(tmp_pat
     sd = tiny_vit_state_dict()
     for i in range(2, 30_000):
         sd[f"transformer.resblocks.{i}.ln_1.weight"] = np.zeros(1, np.float32)
+    path = _save(sd, tmp_path)
+    message, seconds, peak = _reject(path)
+    assert message == (
+        f"Checkpoint {path} holds 30060 tensors, more than the limit of 10000 "
+        "(keras_clip.convert.checkpoint.MAX_TENSORS); no CLIP has that many"
+    )
+    assert seconds < 5.0
+    assert peak < 100 * 2**20
+    assert no_model_built == []
+
+
+def test_thousands_of_fake_blocks_under_the_tensor_limit(tmp_path, no_model_built):
+    sd = tiny_vit_state_dict()
+    for i in range(2, 5_000):
+        sd[f"transformer.resblocks.{i}.ln_1.weight"] = np.zeros(1, np.float32)
     message, seconds, peak = _reject(_save(sd, tmp_path))
     assert message == (
-        "Unsupported checkpoint: the text tower has 30000 blocks (`transformer.resblocks.0..29999`), "
+        "Unsupported checkpoint: the text tower has 5000 blocks (`transformer.resblocks.0..4999`), "
         "more than the limit of 256 (keras_clip.convert.openai.MAX_NUM_LAYERS)"
     )
     assert seconds < 5.0

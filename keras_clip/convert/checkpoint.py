@@ -6,6 +6,10 @@ import zipfile
 import numpy as np
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+# Most tensors a checkpoint may hold. The largest CLIPs (ViT-bigG/14, Hugging Face
+# layout) have about 1,200; counted from the safetensors header before any tensor is
+# read, so a file of countless tiny tensors is refused in milliseconds.
+MAX_TENSORS = 10_000
 
 
 class CheckpointError(ValueError):
@@ -63,6 +67,14 @@ def _import_torch(path):
     return torch
 
 
+def _check_tensor_count(count, path):
+    if count > MAX_TENSORS:
+        raise CheckpointError(
+            f"Checkpoint {path} holds {count} tensors, more than the limit of {MAX_TENSORS} "
+            "(keras_clip.convert.checkpoint.MAX_TENSORS); no CLIP has that many"
+        )
+
+
 def _torch_to_numpy(state_dict):
     import torch
 
@@ -94,13 +106,17 @@ def read_state_dict(path):
         raise CheckpointError(f"Checkpoint file not found: {path}")
     try:
         if path.endswith(".safetensors"):
+            from safetensors import safe_open
             from safetensors.numpy import load_file
 
+            with safe_open(path, framework="numpy") as f:
+                _check_tensor_count(len(f.keys()), path)
             arrays = load_file(path)
         elif _is_torchscript_archive(path):
             from keras_clip.convert import torchscript
 
             arrays = torchscript.read_tensors(path)
+            _check_tensor_count(len(arrays), path)
         else:
             torch = _import_torch(path)
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -110,6 +126,7 @@ def read_state_dict(path):
                 raise CheckpointError(
                     f"{path} holds a {type(state).__name__}, not a state dict of tensors"
                 )
+            _check_tensor_count(len(state), path)
             arrays = _torch_to_numpy(state)
         arrays = {k: (v.astype(np.float32, copy=False) if v.dtype.kind == "f" else v) for k, v in arrays.items()}
     except CheckpointError:

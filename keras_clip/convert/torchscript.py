@@ -34,13 +34,14 @@ import zipfile
 import numpy as np
 from absl import logging
 
+from keras_clip.convert import checkpoint
 from keras_clip.convert.checkpoint import CheckpointError
 
 # Bounds on what a crafted archive can make the reader do.
 MAX_MODULE_DEPTH = 64  # nesting of submodules (OpenAI's CLIP: 6)
-MAX_TENSORS = 100_000  # state-dict entries (OpenAI's ViT-L/14: ~400)
 MAX_CLASSES = 10_000  # distinct `__torch__` classes referenced by data.pkl
 MAX_TENSOR_RANK = 16
+MAX_VIEWS_PER_STORAGE = 4  # tensors built from one storage may total 4x its elements (tied weights)
 MAX_CODE_BYTES = 64 << 20  # total size of code/*.py read for parameter names
 MAX_PICKLE_BYTES = 64 << 20  # data.pkl (OpenAI's ViT-L/14: ~60 kB)
 
@@ -102,7 +103,7 @@ class _StorageType(_Frozen):
 class _Storage(_Frozen):
     """A storage record `('storage', type, key, location, numel)`; bytes read lazily."""
 
-    __slots__ = ("reader", "storage_type", "key", "numel", "handed_out", "_array")
+    __slots__ = ("reader", "storage_type", "key", "numel", "handed_out", "materialized", "_array")
 
     def __init__(self, reader, storage_type, key, numel):
         self.reader = reader
@@ -110,6 +111,7 @@ class _Storage(_Frozen):
         self.key = key
         self.numel = numel
         self.handed_out = False
+        self.materialized = 0  # elements of all tensors built from this storage
         self._array = None
 
     def __repr__(self):
@@ -264,6 +266,7 @@ class _ArchiveReader:
             raise CheckpointError(f"{path}: unknown byte order {byteorder!r:.20}")
         self.byteorder = byteorder
         self.storages = {}
+        self.tensor_count = 0
 
     # ---- storages and tensors ------------------------------------------------------
 
@@ -332,6 +335,12 @@ class _ArchiveReader:
             )
         size, stride = tuple(size), tuple(stride)
         numel = int(np.prod(size, dtype=object))
+        self.tensor_count += 1
+        if self.tensor_count > checkpoint.MAX_TENSORS:
+            raise CheckpointError(
+                f"TorchScript archive {self.path} holds more than {checkpoint.MAX_TENSORS} tensors "
+                "(keras_clip.convert.checkpoint.MAX_TENSORS); no CLIP has that many"
+            )
         if numel == 0:
             dtype = np.float32 if storage.storage_type.dtype == "bfloat16" else np.dtype(storage.storage_type.dtype)
             return np.zeros(size, dtype)
@@ -340,6 +349,13 @@ class _ArchiveReader:
             raise CheckpointError(
                 f"Tensor of size {size} (stride {stride}, offset {storage_offset}) does not fit "
                 f"its storage `{storage.key}` of {storage.numel} elements"
+            )
+        storage.materialized += numel
+        if storage.materialized > MAX_VIEWS_PER_STORAGE * max(storage.numel, 1):
+            # Each tensor is an own copy: many views of one storage would multiply memory.
+            raise CheckpointError(
+                f"Storage `{storage.key}` of {storage.numel} elements backs tensors of "
+                f"{storage.materialized} elements in all, more than {MAX_VIEWS_PER_STORAGE}x its size"
             )
         data = storage.array()
         contiguous = all(st == int(np.prod(size[i + 1:], dtype=object)) for i, st in enumerate(stride) if size[i] > 1)
@@ -435,8 +451,6 @@ def _collect(obj, prefix, decls, out, path):
     for name in names:
         value = state.get(name)
         if isinstance(value, np.ndarray):
-            if len(out) >= MAX_TENSORS:
-                raise CheckpointError(f"TorchScript archive has more than {MAX_TENSORS} tensors")
             out[prefix + name] = value
     for name, value in state.items():
         if isinstance(name, str) and isinstance(value, _ScriptObject):
