@@ -6,9 +6,16 @@ whose absence gives an error naming the extra (`keras_clip/optional.py`).
 """
 from setuptools import find_packages, setup
 
-# Reading PyTorch `.pt` checkpoints (OpenAI, open_clip). safetensors and Hugging Face
-# folders need no torch.
-TORCH = ["torch>=2.6"]
+# Reading plain PyTorch `.pt` checkpoints (open_clip; `torch.load(weights_only=True)`).
+# safetensors, Hugging Face folders and OpenAI's TorchScript archives (read by
+# keras_clip's own restricted unpickler) need no torch.
+# torch >= 2.10.0: older releases have published ways to run code through
+# torch.load(weights_only=True), the only torch call keras_clip makes on downloaded
+# files: CVE-2025-32434 (GHSA-53q9-r3pm-6pq6, torch <= 2.5.1, fixed in 2.6.0) and
+# CVE-2026-24747 (GHSA-63cw-57p8-fm3p, memory corruption in the weights_only
+# unpickler, torch <= 2.9.1, fixed in 2.10.0). Keep equal to
+# keras_clip.convert.checkpoint.MIN_TORCH_VERSION, which read_state_dict enforces.
+TORCH = ["torch>=2.10.0"]
 # Evaluation reports: PNG plots (matplotlib) and the linear probe's L-BFGS fit (scipy).
 EVAL = ["matplotlib>=3.7", "scipy>=1.10"]
 

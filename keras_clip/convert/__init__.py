@@ -84,13 +84,19 @@ def _from_folder(cls, path, load_weights, kwargs):
     if huggingface.is_hf_folder(path):
         with open(config_path) as f:
             config = huggingface.config_from_hf(json.load(f))
-        model = _build(cls, config, kwargs)
+        huggingface.check_config(config)
+        sd = None
         if load_weights:
             weights = [os.path.join(path, n) for n in ("model.safetensors", "pytorch_model.bin")]
             weights = [w for w in weights if os.path.isfile(w)]
             if not weights:
                 raise CheckpointError(f"No model.safetensors or pytorch_model.bin in {path}")
-            openai.load_state_dict(model, huggingface.state_dict_from_hf(read_state_dict(weights[0])))
+            sd = huggingface.state_dict_from_hf(read_state_dict(weights[0]))
+            # Before building: config.json must describe the model the weights fill.
+            huggingface.check_config_matches_weights(config, sd)
+        model = _build(cls, config, kwargs)
+        if sd is not None:
+            openai.load_state_dict(model, sd)
         return model
     open_clip_config = os.path.join(path, "open_clip_config.json")
     weights = [os.path.join(path, n) for n in _OPEN_CLIP_WEIGHTS if os.path.isfile(os.path.join(path, n))]

@@ -5,6 +5,7 @@ import re
 
 import numpy as np
 
+from keras_clip.convert import openai
 from keras_clip.convert.checkpoint import CheckpointError
 
 _LAYER_RENAMES = [
@@ -15,6 +16,73 @@ _LAYER_RENAMES = [
     ("self_attn.out_proj", "attn.out_proj"),
 ]
 _ACTIVATIONS = {"quick_gelu": "quick_gelu", "gelu": "gelu"}
+# A config.json alone (no weights to check it against) may not describe a model with
+# more parameters than this: 4x ViT-bigG/14, 20 GB in float32.
+MAX_CONFIG_PARAMETERS = 5_000_000_000
+# Config fields that must agree with the shapes of the weights they come with.
+_CHECKED_FIELDS = (
+    "embed_dim", "image_size", "vision_patch_size", "vision_hidden_dim", "vision_num_layers",
+    "vision_intermediate_dim", "context_length", "vocabulary_size", "text_hidden_dim",
+    "text_num_layers", "text_intermediate_dim",
+)
+
+
+def _estimated_parameters(c):
+    def tower(width, layers, intermediate):
+        return layers * (4 * width * width + 2 * width * intermediate + 9 * width)
+
+    grid = c["image_size"] // max(c["vision_patch_size"], 1)
+    return (
+        tower(c["vision_hidden_dim"], c["vision_num_layers"], c["vision_intermediate_dim"])
+        + tower(c["text_hidden_dim"], c["text_num_layers"], c["text_intermediate_dim"])
+        + (3 * c["vision_patch_size"] ** 2 + grid * grid + 1) * c["vision_hidden_dim"]
+        + (c["vocabulary_size"] + c["context_length"]) * c["text_hidden_dim"]
+        + c["embed_dim"] * (c["vision_hidden_dim"] + c["text_hidden_dim"])
+    )
+
+
+def check_config(config):
+    """Rejects a config whose sizes are not positive integers or add up to an absurd model."""
+    for name in _CHECKED_FIELDS + ("vision_num_heads", "text_num_heads"):
+        value = config[name]
+        if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            raise CheckpointError(
+                f"Hugging Face config.json: `{name}` must be a positive integer; Received: "
+                f"{name}={value!r:.40}"
+            )
+    for tower in ("vision", "text"):
+        width, heads = config[f"{tower}_hidden_dim"], config[f"{tower}_num_heads"]
+        if width % heads:
+            raise CheckpointError(
+                f"Hugging Face config.json: `{tower}_config.hidden_size` must be divisible by "
+                f"`num_attention_heads`; Received: hidden_size={width}, num_attention_heads={heads}"
+            )
+    count = _estimated_parameters(config)
+    if count > MAX_CONFIG_PARAMETERS:
+        raise CheckpointError(
+            f"Hugging Face config.json describes a model of about {count:,} parameters, more "
+            f"than the limit of {MAX_CONFIG_PARAMETERS:,} "
+            "(keras_clip.convert.huggingface.MAX_CONFIG_PARAMETERS)"
+        )
+
+
+def check_config_matches_weights(config, sd):
+    """Checks a `config_from_hf` config against OpenAI-layout weights, before building.
+
+    Raises:
+        CheckpointError: the weights are inconsistent (see
+            `openai.config_from_state_dict`) or disagree with config.json; the message
+            names the field and both values.
+    """
+    from_weights = openai.config_from_state_dict(
+        sd, text_num_heads=config["text_num_heads"], vision_num_heads=config["vision_num_heads"]
+    )
+    for name in _CHECKED_FIELDS:
+        if from_weights[name] != config[name]:
+            raise CheckpointError(
+                f"Hugging Face config.json disagrees with the weights: `{name}` is "
+                f"{config[name]!r:.40} in config.json but {from_weights[name]!r} in the weights"
+            )
 
 
 def config_from_hf(hf_config):
