@@ -299,3 +299,75 @@ def test_create_server_starts_and_reports_a_failed_latest_version(versions_base)
                 (1, "START"), (2, "START"), (3, "END")]
     finally:
         server.stop(None)
+
+
+# -- item 9: the client against the local server: chunking and TLS ----------------------
+def test_chunked_requests_give_the_embeddings_of_one_request(served):
+    repository = served["repository"]
+    images = _images(7)
+    texts = [f"a photo of {n} dogs" for n in range(7)]
+    with CLIPClient(served["target"], batch_size=MAX_BATCH, max_attempts=1) as whole, \
+            CLIPClient(served["target"], batch_size=3, max_attempts=1) as chunked:
+        before = repository.executed_calls
+        image_chunks = chunked.encode_image(images)
+        text_chunks = chunked.encode_text(texts)
+        logits_chunks = chunked.similarity(images, texts)
+        labels_chunks = chunked.classify(images)
+        # 3 + 3 requests, 3 x 3 blocks for similarity, 3 for classify.
+        assert repository.executed_calls - before == 3 + 3 + 9 + 3
+        # Equal up to float rounding of batch-dependent kernels (batch 3 vs 7).
+        np.testing.assert_allclose(image_chunks, whole.encode_image(images), atol=1e-6)
+        np.testing.assert_allclose(text_chunks, whole.encode_text(texts), atol=1e-6)
+        np.testing.assert_allclose(logits_chunks, whole.similarity(images, texts), atol=1e-4)
+        labels_whole = whole.classify(images)
+        np.testing.assert_allclose(labels_chunks["scores"], labels_whole["scores"], atol=1e-6)
+        assert labels_chunks["top_labels"] == labels_whole["top_labels"]
+        assert image_chunks.shape == (7, 32) and logits_chunks.shape == (7, 7)
+        # An empty list still reaches the server, which names the problem.
+        error, _ = _error(lambda: chunked.encode_text([]))
+        assert error.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert "`texts` is an empty batch" in error.details
+
+
+def _self_signed_certificate(directory):
+    """A key and a self-signed certificate for localhost / 127.0.0.1 (openssl CLI)."""
+    import subprocess
+
+    key, cert = directory / "key.pem", directory / "cert.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+        check=True, capture_output=True, timeout=60,
+    )
+    return key, cert
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI")
+def test_client_talks_to_a_tls_server_and_mutual_tls(served, tmp_path):
+    key, cert = _self_signed_certificate(tmp_path)
+    repository = served["repository"]
+    tls_server, tls_target = _start(
+        repository, credentials=local_server.server_credentials(cert, key))
+    # Mutual TLS: the server trusts client certificates signed by `cert` (itself).
+    mtls_server, mtls_target = _start(
+        repository, credentials=local_server.server_credentials(cert, key, cert))
+    try:
+        with CLIPClient(tls_target, root_certificates=str(cert), max_attempts=1) as client:
+            np.testing.assert_allclose(client.encode_text(["a dog", "a cat"]),
+                                       served["reference"], atol=0)
+        with CLIPClient(tls_target, max_attempts=1, timeout=5) as plaintext:
+            error, _ = _error(lambda: plaintext.encode_text(["a dog"]))
+            assert error.code == grpc.StatusCode.UNAVAILABLE
+        with CLIPClient(mtls_target, root_certificates=cert.read_bytes(),
+                        private_key=str(key), certificate_chain=str(cert),
+                        max_attempts=1) as client:
+            np.testing.assert_allclose(client.encode_text(["a dog", "a cat"]),
+                                       served["reference"], atol=0)
+        with CLIPClient(mtls_target, root_certificates=str(cert), max_attempts=1,
+                        timeout=5) as no_client_cert:
+            error, _ = _error(lambda: no_client_cert.encode_text(["a dog"]))
+            assert error.code == grpc.StatusCode.UNAVAILABLE
+    finally:
+        tls_server.stop(None)
+        mtls_server.stop(None)
