@@ -114,7 +114,6 @@ def main(argv):
     del argv
     import grpc
     import numpy as np
-    import psutil
     import tensorflow as tf
     from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
@@ -130,10 +129,13 @@ def main(argv):
         print(f"exported a tiny CLIP to {base} in {time.time() - started:.1f}s")
     script = FLAGS.server_script or os.path.join(REPO_ROOT, "serving", "local_server.py")
     process, target = start_server(script, base)
-    server = psutil.Process(process.pid)
-
     def rss_mb():
-        return server.memory_info().rss / 2**20
+        """The server's resident memory, from /proc (Linux)."""
+        with open(f"/proc/{process.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+        return float("nan")
 
     client = CLIPClient(target, timeout=FLAGS.timeout, max_attempts=1, batch_size=1024)
     rng = np.random.default_rng(0)
