@@ -34,6 +34,7 @@ index), an empty (or all-whitespace) text and a text longer than `max_text_bytes
 (both naming the batch index).
 """
 import os
+import uuid
 
 import numpy as np
 import tensorflow as tf
@@ -41,28 +42,29 @@ from absl import logging
 
 from keras_clip.preprocessing.tokenizer import CLIPTokenizer
 from keras_clip.zero_shot import DEFAULT_TEMPLATES, build_class_embeddings
-
-IMAGE_BYTES = "image_bytes"
-TEXTS = "texts"
-IMAGE_EMBEDDINGS = "image_embeddings"
-TEXT_EMBEDDINGS = "text_embeddings"
-SCORES = "scores"
-TOP_LABELS = "top_labels"
-TOP_SCORES = "top_scores"
-LOGITS_PER_IMAGE = "logits_per_image"
+from serving.protocol import (CLASSIFY, DEFAULT_CLIENT_BATCH_SIZE, DEFAULT_MAX_TEXT_BYTES,
+                              ENCODE_IMAGE, ENCODE_TEXT, IMAGE_BYTES, IMAGE_EMBEDDINGS,
+                              LOGITS_PER_IMAGE, SCORES, SERVING_DEFAULT, SIMILARITY,
+                              TEXT_EMBEDDINGS, TEXTS, TOP_LABELS, TOP_SCORES)
 
 WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
 MODELS_CONFIG_FILE = "models.config"
 BATCHING_FILE = "batching_parameters.txt"
-DEFAULT_MAX_TEXT_BYTES = 4096
+# Prefixes of the hidden folders an export writes in and swaps out through. TF Serving
+# takes only children whose whole name parses as an integer for versions
+# (tensorflow_serving/sources/storage_path/file_system_storage_path_source.cc,
+# ParseVersionNumber), and `serving/local_server.py` only all-digit names, so
+# neither ever sees these folders.
+STAGING_PREFIX = ".staging-"
+RETIRED_PREFIX = ".retired-"
 
 BATCHING_PARAMETERS = """\
-max_batch_size { value: 64 }
+max_batch_size { value: %d }
 batch_timeout_micros { value: 2000 }
 max_enqueued_batches { value: 100 }
 num_batch_threads { value: 2 }
 pad_variable_length_inputs: false
-"""
+""" % DEFAULT_CLIENT_BATCH_SIZE
 
 
 class CLIPServingModule(tf.Module):
@@ -176,13 +178,13 @@ class CLIPServingModule(tf.Module):
     def signatures(self):
         """Signature name -> concrete function, as `tf.saved_model.save` takes them."""
         signatures = {
-            "encode_image": self.encode_image.get_concrete_function(),
-            "encode_text": self.encode_text.get_concrete_function(),
-            "similarity": self.similarity.get_concrete_function(),
+            ENCODE_IMAGE: self.encode_image.get_concrete_function(),
+            ENCODE_TEXT: self.encode_text.get_concrete_function(),
+            SIMILARITY: self.similarity.get_concrete_function(),
         }
         if self.class_names:
-            signatures["classify"] = self.classify.get_concrete_function()
-        signatures["serving_default"] = signatures.get("classify", signatures["encode_image"])
+            signatures[CLASSIFY] = self.classify.get_concrete_function()
+        signatures[SERVING_DEFAULT] = signatures.get(CLASSIFY, signatures[ENCODE_IMAGE])
         return signatures
 
 
@@ -222,11 +224,11 @@ def warmup_requests(model_name, signature_names):
     image = tf.make_tensor_proto([_example_image_bytes()], dtype=tf.string)
     text = tf.make_tensor_proto(["a photo of a dog."], dtype=tf.string)
     inputs = {
-        "encode_image": {IMAGE_BYTES: image},
-        "classify": {IMAGE_BYTES: image},
-        "serving_default": {IMAGE_BYTES: image},
-        "encode_text": {TEXTS: text},
-        "similarity": {IMAGE_BYTES: image, TEXTS: text},
+        ENCODE_IMAGE: {IMAGE_BYTES: image},
+        CLASSIFY: {IMAGE_BYTES: image},
+        SERVING_DEFAULT: {IMAGE_BYTES: image},
+        ENCODE_TEXT: {TEXTS: text},
+        SIMILARITY: {IMAGE_BYTES: image, TEXTS: text},
     }
     logs = []
     for name in signature_names:
@@ -262,6 +264,11 @@ def export_saved_model(model, export_base, version, class_names=None, templates=
                        overwrite=False):
     """Writes `<export_base>/<version>/` for TF Serving, plus its serving configs.
 
+    The version is written into a hidden `<export_base>/.staging-*` folder and
+    renamed to `<version>` only when complete (SavedModel and warm-up file), so a
+    server polling `export_base` cannot load a half-written version, and an export
+    that fails leaves no version folder behind.
+
     Args:
         model: a built `keras_clip.CLIP`.
         export_base: str, the model's base path (holds numbered versions).
@@ -273,7 +280,8 @@ def export_saved_model(model, export_base, version, class_names=None, templates=
         model_name: str, the name in `models.config` and the warm-up requests.
         top_k: int, labels per image returned by `classify`.
         max_text_bytes: int, longest text the text signatures accept.
-        overwrite: bool, replace an existing version directory.
+        overwrite: bool, replace an existing version directory. The new version is
+            written beside it and swapped in; the live folder is never written into.
 
     Returns:
         str, the version directory written.
@@ -281,7 +289,7 @@ def export_saved_model(model, export_base, version, class_names=None, templates=
     if isinstance(version, bool) or not isinstance(version, int) or version <= 0:
         raise ValueError(f"`version` must be a positive integer. Received: version={version!r}")
     version_dir = os.path.join(export_base, str(version))
-    if os.path.exists(version_dir) and not overwrite:
+    if tf.io.gfile.exists(version_dir) and not overwrite:
         raise FileExistsError(
             f"{version_dir} already exists; export a new version or pass overwrite=True."
         )
@@ -291,19 +299,61 @@ def export_saved_model(model, export_base, version, class_names=None, templates=
         class_embeddings = build_class_embeddings(model, list(class_names), templates)
     module = CLIPServingModule(model, class_names, class_embeddings, top_k, max_text_bytes)
     signatures = module.signatures()
-    tf.saved_model.save(module, version_dir, signatures=signatures)
 
-    warmup_path = os.path.join(version_dir, WARMUP_FILE)
-    os.makedirs(os.path.dirname(warmup_path), exist_ok=True)
-    with tf.io.TFRecordWriter(warmup_path) as writer:
-        for log in warmup_requests(model_name, sorted(signatures)):
-            writer.write(log.SerializeToString())
-    with open(os.path.join(export_base, MODELS_CONFIG_FILE), "w") as f:
-        f.write(models_config(model_name, export_base))
-    with open(os.path.join(export_base, BATCHING_FILE), "w") as f:
-        f.write(BATCHING_PARAMETERS)
+    # Everything is written into a hidden sibling folder first and renamed into place
+    # only when complete, so a server polling `export_base` never sees a version
+    # without its variables or warm-up file, and a failed export leaves nothing behind.
+    tag = f"{version}-{uuid.uuid4().hex[:12]}"
+    staging_dir = os.path.join(export_base, STAGING_PREFIX + tag)
+    tf.io.gfile.makedirs(export_base)
+    try:
+        tf.saved_model.save(module, staging_dir, signatures=signatures)
+        warmup_path = os.path.join(staging_dir, WARMUP_FILE)
+        tf.io.gfile.makedirs(os.path.dirname(warmup_path))
+        with tf.io.TFRecordWriter(warmup_path) as writer:
+            for log in warmup_requests(model_name, sorted(signatures)):
+                writer.write(log.SerializeToString())
+        _swap_into_place(staging_dir, version_dir, os.path.join(export_base, RETIRED_PREFIX + tag))
+    except BaseException:
+        if tf.io.gfile.exists(staging_dir):
+            tf.io.gfile.rmtree(staging_dir)
+        raise
+    _write_atomically(os.path.join(export_base, MODELS_CONFIG_FILE),
+                      models_config(model_name, export_base))
+    _write_atomically(os.path.join(export_base, BATCHING_FILE), BATCHING_PARAMETERS)
     logging.info(
         "Exported %s version %d to %s with signatures %s",
         model_name, version, version_dir, sorted(signatures),
     )
     return version_dir
+
+
+def _swap_into_place(staging_dir, version_dir, retired_dir):
+    """Renames the finished `staging_dir` to `version_dir`.
+
+    An existing version folder is never written into: it is renamed away first, the
+    new one renamed in, and only then the old one deleted. Between the two renames
+    the version is briefly absent (a polling server may unload and reload it); it is
+    never half-written. On a local file system each rename is atomic; on object
+    stores (`gs://`, `s3://`) `tf.io.gfile.rename` copies, so there the new folder
+    appears object by object.
+    """
+    if not tf.io.gfile.exists(version_dir):
+        tf.io.gfile.rename(staging_dir, version_dir)
+        return
+    tf.io.gfile.rename(version_dir, retired_dir)
+    try:
+        tf.io.gfile.rename(staging_dir, version_dir)
+    except BaseException:
+        tf.io.gfile.rename(retired_dir, version_dir)  # put the old version back
+        raise
+    tf.io.gfile.rmtree(retired_dir)
+
+
+def _write_atomically(path, text):
+    """Writes `text` to a hidden sibling of `path`, then renames it over `path`."""
+    directory, name = os.path.split(path)
+    temporary = os.path.join(directory, f".{name}.{uuid.uuid4().hex[:12]}")
+    with tf.io.gfile.GFile(temporary, "w") as f:
+        f.write(text)
+    tf.io.gfile.rename(temporary, path, overwrite=True)

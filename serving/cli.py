@@ -21,7 +21,13 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("server", "127.0.0.1:8500", "host:port of TF Serving or local_server.py.")
 flags.DEFINE_string("model_name", "clip", "Served model name.")
 flags.DEFINE_integer("version", None, "Model version; default: the latest.")
-flags.DEFINE_float("timeout", 30.0, "Seconds per call.")
+flags.DEFINE_float("timeout", 30.0, "Deadline in seconds of the command (all requests, retries).")
+flags.DEFINE_integer("batch_size", 64, "Most items per request; longer lists are split.")
+flags.DEFINE_integer("max_attempts", 4, "Attempts per request when the server is UNAVAILABLE.")
+flags.DEFINE_string("tls_root_certs", None, "PEM CA file to trust; enables TLS.")
+flags.DEFINE_string("tls_client_key", None, "PEM client key (mutual TLS).")
+flags.DEFINE_string("tls_client_cert", None, "PEM client certificate (mutual TLS).")
+flags.DEFINE_string("tls_server_name", None, "Name to check the server certificate against.")
 flags.DEFINE_multi_string("texts", [], "Texts for `similarity`.")
 
 COMMANDS = ("status", "metadata", "encode_image", "encode_text", "classify", "similarity")
@@ -62,7 +68,11 @@ def main(argv):
         raise app.UsageError(f"Give a command: one of {COMMANDS}.")
     from serving.client import ClientError, CLIPClient
 
-    with CLIPClient(FLAGS.server, FLAGS.model_name, FLAGS.version, FLAGS.timeout) as client:
+    with CLIPClient(FLAGS.server, FLAGS.model_name, FLAGS.version, FLAGS.timeout,
+                    batch_size=FLAGS.batch_size, max_attempts=FLAGS.max_attempts,
+                    root_certificates=FLAGS.tls_root_certs, private_key=FLAGS.tls_client_key,
+                    certificate_chain=FLAGS.tls_client_cert,
+                    tls_server_name=FLAGS.tls_server_name) as client:
         try:
             result = run(client, argv[1], argv[2:], FLAGS.texts)
         except ClientError as e:

@@ -118,8 +118,10 @@ BAD_REQUESTS = {
                     grpc.StatusCode.INVALID_ARGUMENT, "dtype"),
     "missing_input": (lambda c, im: c.predict("similarity", {"image_bytes": _string([im[0]])}),
                       grpc.StatusCode.INVALID_ARGUMENT, "texts"),
+    # TF Serving answers an unknown signature key with FAILED_PRECONDITION
+    # (tensorflow_serving/servables/tensorflow/predict_util.cc).
     "unknown_signature": (lambda c, im: c.predict("segment", {"image_bytes": _string([im[0]])}),
-                          grpc.StatusCode.INVALID_ARGUMENT, "segment"),
+                          grpc.StatusCode.FAILED_PRECONDITION, "segment"),
 }
 
 
