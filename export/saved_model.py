@@ -108,6 +108,11 @@ class CLIPServingModule(tf.Module):
                 tf.constant(self.class_names, tf.string), trainable=False, name="labels"
             )
             self.top_k = min(int(top_k), len(self.class_names))
+            # Only a module with labels has `classify`: tf.saved_model.save traces every
+            # tf.function attribute, and this one needs the class embeddings.
+            self.classify = tf.function(
+                self._classify,
+                input_signature=[tf.TensorSpec([None], tf.string, name=IMAGE_BYTES)])
 
     # -- building blocks (traced inside the signatures) ------------------------
     def _check_batch(self, values, input_name):
@@ -162,8 +167,7 @@ class CLIPServingModule(tf.Module):
         scale = tf.cast(self.model.logit_scale(), tf.float32)
         return {LOGITS_PER_IMAGE: scale * tf.matmul(image, text, transpose_b=True)}  # (B, B')
 
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=IMAGE_BYTES)])
-    def classify(self, image_bytes):
+    def _classify(self, image_bytes):
         image = self._image_embeddings(image_bytes)  # (B, D)
         scale = tf.cast(self.model.logit_scale(), tf.float32)
         logits = scale * tf.matmul(image, self.class_embeddings, transpose_b=True)  # (B, C)

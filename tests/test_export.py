@@ -265,3 +265,16 @@ def test_existing_version_is_not_overwritten(exported):
 def test_rejects_bad_version():
     with pytest.raises(ValueError, match="`version` must be a positive integer"):
         export_lib.export_saved_model(None, "/nonexistent", 0)
+
+
+def test_export_without_labels_has_no_classify_and_defaults_to_encode_image(tmp_path):
+    import tensorflow_text  # noqa: F401 - the tokenizer's ops
+
+    model = tiny_clip()
+    export_lib.export_saved_model(model, str(tmp_path / "clip"), 1)  # used to fail tracing classify
+    loaded = tf.saved_model.load(str(tmp_path / "clip" / "1"))
+    assert sorted(loaded.signatures) == ["encode_image", "encode_text", "serving_default", "similarity"]
+    images = [harness.encode(p) for p in harness.photo_crops(2, size=(40, 30), seed=4)]
+    served = loaded.signatures["serving_default"](image_bytes=tf.constant(images))["image_embeddings"]
+    expected = model.encode_image(model.image_preprocessor()(tf.constant(images)))
+    np.testing.assert_allclose(served.numpy(), expected.numpy(), atol=TOLERANCE)
