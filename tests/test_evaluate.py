@@ -197,7 +197,10 @@ def test_cli_writes_json_markdown_and_png_on_cifar_subset(model, tmp_path, cifar
     results = json.loads((output / "zero_shot.json").read_text())
     metrics = results["metrics"]
     confusion = np.array(metrics["confusion_matrix"])
-    assert metrics["num_examples"] == confusion.sum() == 48  # 80% evaluation split of 60
+    # The evaluation part of a stratified 20/80 split of the 60 examples (48 on CIFAR-10).
+    subset = load_classification_dataset(CIFAR10, max_examples=60)
+    evaluation_part = split_indices(subset.labels, [0.2, 0.8], seed=0)[1]
+    assert metrics["num_examples"] == confusion.sum() == len(evaluation_part)
     assert metrics["top1"] == pytest.approx(100 * np.trace(confusion) / confusion.sum())
     selection = results["template_selection"]
     assert selection["evaluation"]["selected"] == pytest.approx(metrics["top1"])
