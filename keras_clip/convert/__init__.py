@@ -5,7 +5,7 @@ import os
 from absl import logging
 
 from keras_clip import presets
-from keras_clip.convert import huggingface, openai
+from keras_clip.convert import huggingface, keras_hub_converter, openai
 from keras_clip.convert.checkpoint import TORCH_SUFFIXES, CheckpointError, read_state_dict
 
 __all__ = ["CheckpointError", "load_preset", "read_state_dict"]
@@ -81,6 +81,8 @@ def _from_folder(cls, path, load_weights, kwargs):
             if load_weights:
                 model.load_weights(os.path.join(path, "model.weights.h5"))
             return model
+        if keras_hub_converter.is_keras_hub_preset(meta):
+            return keras_hub_converter.load_keras_hub_preset(cls, path, load_weights, **kwargs)
     if huggingface.is_hf_folder(path):
         with open(config_path) as f:
             config = huggingface.config_from_hf(json.load(f))

@@ -26,7 +26,7 @@ import os
 import numpy as np
 from absl import logging
 
-FORMATS = ("open_clip", "openai", "hf")
+FORMATS = ("open_clip", "openai", "hf", "keras_hub")
 
 OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
 OPEN_CLIP_CONFIG = "open_clip_config.json"
@@ -57,7 +57,8 @@ class _Collector:
 
     def __call__(self, variable, key, transform=None):
         value = np.asarray(variable.numpy(), dtype=np.float32)
-        self.sd[key] = np.ascontiguousarray(transform(value) if transform is not None else value)
+        value = transform(value) if transform is not None else value
+        self.sd[key] = np.array(value, dtype=np.float32, order="C")  # keeps 0-d shapes
 
     def dense(self, layer, prefix):
         self(layer.kernel, prefix + ".weight", np.transpose)
@@ -498,4 +499,8 @@ def save_checkpoint(model, path, format):  # noqa: A002 - the public argument na
         return write_openai(model, path)
     if format == "hf":
         return write_hf(model, path)
+    if format == "keras_hub":
+        from keras_clip.convert import keras_hub_converter
+
+        return keras_hub_converter.save_keras_hub_preset(model, path)
     raise ValueError(f"`format` must be one of {FORMATS}. Received: format={format!r}")
