@@ -30,6 +30,7 @@ setup(
         # Reading PyTorch `.pt` checkpoints (OpenAI, open_clip). safetensors and
         # Hugging Face folders need no torch.
         "torch": ["torch>=2.1"],
+        "keras_hub": ["keras-hub>=0.20"],  # keras_clip.convert.keras_hub_converter only
         "test": [
             "pytest>=8",
             "pillow",

@@ -504,3 +504,23 @@ def save_checkpoint(model, path, format):  # noqa: A002 - the public argument na
 
         return keras_hub_converter.save_keras_hub_preset(model, path)
     raise ValueError(f"`format` must be one of {FORMATS}. Received: format={format!r}")
+
+
+def convert(preset, format, output, **kwargs):  # noqa: A002
+    """Loads `preset` (`CLIP.from_preset`) and writes it with `save_checkpoint`.
+
+    Args:
+        preset: anything `CLIP.from_preset` accepts (name, folder, file, `hf://`).
+        format: one of `FORMATS`.
+        output: file or folder to write.
+        **kwargs: `CLIP.from_preset` overrides (e.g. `activation="gelu"`).
+
+    Returns:
+        List of the paths written.
+    """
+    from keras_clip.models.clip import CLIP
+
+    if format not in FORMATS:
+        raise ValueError(f"`format` must be one of {FORMATS}. Received: format={format!r}")
+    model = CLIP.from_preset(preset, **kwargs)
+    return save_checkpoint(model, output, format)
