@@ -68,7 +68,20 @@ def _from_file(cls, path, load_weights, kwargs):
         return _from_folder(cls, os.path.dirname(path), load_weights, kwargs)
     # OpenAI weights use QuickGELU; files do not record it, so LAION users pass
     # activation="gelu" (or use the named preset / hub folder, which know).
-    return _from_openai_state_dict(cls, sd, load_weights, {"activation": "quick_gelu"}, kwargs)
+    # safetensors written by `CLIP.save_checkpoint` record it in their metadata.
+    activation = _safetensors_activation(path) or "quick_gelu"
+    return _from_openai_state_dict(cls, sd, load_weights, {"activation": activation}, kwargs)
+
+
+def _safetensors_activation(path):
+    """The activation recorded by `save_checkpoint(format="openai")`, else None."""
+    if not path.endswith(".safetensors"):
+        return None
+    from safetensors import safe_open
+
+    with safe_open(path, framework="np") as f:
+        activation = (f.metadata() or {}).get("keras_clip_activation")
+    return activation if activation in ("quick_gelu", "gelu") else None
 
 
 def _from_folder(cls, path, load_weights, kwargs):

@@ -14,7 +14,8 @@ Formats (`save_checkpoint`):
   open_clip loads the folder with `create_model_and_transforms("local-dir:<folder>")`.
 * `"openai"`: one file, OpenAI's state-dict layout; `.safetensors` or `.pt`
   (`torch.save` of a dict of tensors only, loadable with `weights_only=True`). A bare
-  state dict cannot record the activation: OpenAI's readers assume QuickGELU.
+  state dict cannot record the activation: OpenAI's readers assume QuickGELU (the
+  safetensors metadata records it for keras_clip's reader).
 * `"hf"`: a transformers `CLIPModel` folder: `config.json`, `model.safetensors`,
   tokenizer files made from keras_clip's BPE vocabulary and `preprocessor_config.json`.
   transformers has no class for the modified-ResNet image tower.
@@ -283,9 +284,10 @@ def write_openai(model, path):
     _check_representable(model, "OpenAI")
     if model.activation != "quick_gelu":
         logging.warning(
-            "An OpenAI-layout state dict cannot record activation=%r; readers assume "
-            "QuickGELU. Load it with activation='gelu' (keras_clip) or quick_gelu=False "
-            "(open_clip), or use format='open_clip' / 'hf', which record it.",
+            "An OpenAI-layout state dict cannot record activation=%r for other readers, "
+            "which assume QuickGELU (keras_clip reads it from .safetensors metadata). "
+            "Load it with quick_gelu=False (open_clip) or activation='gelu' (keras_clip, "
+            ".pt), or use format='open_clip' / 'hf', which record it.",
             model.activation,
         )
     sd = state_dict_from_model(model)
