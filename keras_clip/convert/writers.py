@@ -19,6 +19,9 @@ Formats (`save_checkpoint`):
 * `"hf"`: a transformers `CLIPModel` folder: `config.json`, `model.safetensors`,
   tokenizer files made from keras_clip's BPE vocabulary and `preprocessor_config.json`.
   transformers has no class for the modified-ResNet image tower.
+* `"keras_hub"`: a keras-hub preset folder (`keras_hub_converter`, ViT only).
+
+See docs/moving_models.md for how each library loads these and where it differs.
 """
 import json
 import math
@@ -389,7 +392,7 @@ def hf_config(model):
             "projection_dim": model.embed_dim,
             # eos_token_id != 2 makes transformers pool at the first end token, as
             # keras_clip does (2 selects its legacy argmax pooling).
-            "bos_token_id": model.end_token_id - 1,
+            "bos_token_id": model.end_token_id - 1,  # OpenAI's vocabulary: start, end last
             "eos_token_id": model.end_token_id,
             "pad_token_id": 1,
             **common,

@@ -419,17 +419,20 @@ class CLIP(keras.Model):
         `CLIP.from_preset(path)` reads every format back with identical weights.
 
         Args:
-            path: where to write: a folder for `"open_clip"` and `"hf"`, a
-                `.safetensors` or `.pt` file for `"openai"`.
+            path: where to write: a folder for `"open_clip"`, `"hf"` and
+                `"keras_hub"`; a `.safetensors` or `.pt` file for `"openai"`.
             format: one of
                 - `"open_clip"`: `open_clip_model.safetensors`,
                   `open_clip_config.json` (architecture, QuickGELU flag,
                   preprocessing) and the model config `<name>.json`; load with
                   `open_clip.create_model_and_transforms("local-dir:" + path)`;
                 - `"openai"`: OpenAI's state-dict layout as safetensors or a
-                  `torch.save` dict of tensors (cannot record the activation);
+                  `torch.save` dict of tensors (only the safetensors metadata
+                  records the activation, for keras_clip);
                 - `"hf"`: a transformers `CLIPModel` folder with tokenizer and
-                  image-processor files (ViT image towers only).
+                  image-processor files (ViT image towers only);
+                - `"keras_hub"`: a keras-hub `CLIPBackbone` + `CLIPPreprocessor`
+                  preset folder (ViT only; needs `keras_clip[keras_hub]`).
 
         Returns:
             List of the paths written.
