@@ -16,6 +16,8 @@ from setuptools import find_packages, setup
 # unpickler, torch <= 2.9.1, fixed in 2.10.0). Keep equal to
 # keras_clip.convert.checkpoint.MIN_TORCH_VERSION, which read_state_dict enforces.
 TORCH = ["torch>=2.10.0"]
+# Converting to and from keras-hub's CLIPBackbone (keras_clip.convert.keras_hub_converter).
+KERAS_HUB = ["keras-hub>=0.20"]
 # Evaluation reports: PNG plots (matplotlib) and the linear probe's L-BFGS fit (scipy).
 EVAL = ["matplotlib>=3.7", "scipy>=1.10"]
 
@@ -50,6 +52,7 @@ setup(
     extras_require={
         "torch": TORCH,
         "eval": EVAL,
+        "keras_hub": KERAS_HUB,
         "test": [
             "pytest>=8",
             "pillow>=10",
@@ -59,6 +62,6 @@ setup(
             "torch==2.13.0",
             "open-clip-torch==3.3.0",
             "transformers>=4.40",
-        ] + EVAL,
+        ] + EVAL + KERAS_HUB,
     },
 )

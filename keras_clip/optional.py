@@ -1,13 +1,14 @@
 """Imports of packages that only some features need, with errors naming the extra.
 
 `pip install keras_clip` installs what training, export and serving need. Plots and
-the linear probe need `keras_clip[eval]` (matplotlib, scipy); reading PyTorch `.pt`
-checkpoints needs `keras_clip[torch]`.
+the linear probe need `keras_clip[eval]` (matplotlib, scipy); reading plain PyTorch
+`.pt` checkpoints needs `keras_clip[torch]`; converting to or from keras-hub needs
+`keras_clip[keras_hub]`.
 """
 import importlib
 
 # The extra that provides each optional top-level module.
-EXTRAS = {"matplotlib": "eval", "scipy": "eval", "torch": "torch"}
+EXTRAS = {"matplotlib": "eval", "scipy": "eval", "torch": "torch", "keras_hub": "keras_hub"}
 
 
 def import_optional(name, purpose):

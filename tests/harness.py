@@ -48,6 +48,14 @@ TINY_VIT_TRAIN = dict(TINY_VIT, vision_hidden_dim=64, text_hidden_dim=64, contex
 # (tests/scripts/replica_equivalence.py runs alone in a subprocess and spells out the
 # same config with 2 layers per tower.)
 TINY_VIT_SMALL_VOCAB = dict(TINY_VIT_TRAIN, context_length=12, vocabulary_size=500, end_token_id=499)
+# keras_clip kwargs of `tests.reference_models.SMALL_VIT` / `SMALL_RESNET` (the open_clip
+# side): 64 px, width 128 text, OpenAI's head width of 64 where the format infers heads.
+SMALL_VIT = dict(embed_dim=64, image_size=64, vision_architecture="vit", vision_patch_size=16,
+                 vision_num_layers=2, vision_hidden_dim=128, vision_num_heads=2,
+                 text_hidden_dim=128, text_num_layers=2, text_num_heads=2)
+SMALL_RESNET = dict(embed_dim=64, image_size=64, vision_architecture="resnet",
+                    vision_num_layers=[1, 2, 1, 1], vision_hidden_dim=16, vision_num_heads=8,
+                    text_hidden_dim=128, text_num_layers=2, text_num_heads=2)
 
 
 def tiny_clip(seed=0, **overrides):

@@ -5,7 +5,7 @@ import os
 from absl import logging
 
 from keras_clip import presets
-from keras_clip.convert import huggingface, openai
+from keras_clip.convert import huggingface, keras_hub_converter, openai
 from keras_clip.convert.checkpoint import TORCH_SUFFIXES, CheckpointError, read_state_dict
 
 __all__ = ["CheckpointError", "load_preset", "read_state_dict"]
@@ -68,7 +68,20 @@ def _from_file(cls, path, load_weights, kwargs):
         return _from_folder(cls, os.path.dirname(path), load_weights, kwargs)
     # OpenAI weights use QuickGELU; files do not record it, so LAION users pass
     # activation="gelu" (or use the named preset / hub folder, which know).
-    return _from_openai_state_dict(cls, sd, load_weights, {"activation": "quick_gelu"}, kwargs)
+    # safetensors written by `CLIP.save_checkpoint` record it in their metadata.
+    activation = _safetensors_activation(path) or "quick_gelu"
+    return _from_openai_state_dict(cls, sd, load_weights, {"activation": activation}, kwargs)
+
+
+def _safetensors_activation(path):
+    """The activation recorded by `save_checkpoint(format="openai")`, else None."""
+    if not path.endswith(".safetensors"):
+        return None
+    from safetensors import safe_open
+
+    with safe_open(path, framework="np") as f:
+        activation = (f.metadata() or {}).get("keras_clip_activation")
+    return activation if activation in ("quick_gelu", "gelu") else None
 
 
 def _from_folder(cls, path, load_weights, kwargs):
@@ -81,6 +94,8 @@ def _from_folder(cls, path, load_weights, kwargs):
             if load_weights:
                 model.load_weights(os.path.join(path, "model.weights.h5"))
             return model
+        if keras_hub_converter.is_keras_hub_preset(meta):
+            return keras_hub_converter.load_keras_hub_preset(cls, path, load_weights, **kwargs)
     if huggingface.is_hf_folder(path):
         with open(config_path) as f:
             config = huggingface.config_from_hf(json.load(f))

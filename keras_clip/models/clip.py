@@ -413,6 +413,39 @@ class CLIP(keras.Model):
         )
         logging.info("Saved keras_clip preset to %s", preset_dir)
 
+    def save_checkpoint(self, path, format):  # noqa: A002 - mirrors the CLI flag
+        """Writes the model in another library's checkpoint format.
+
+        `CLIP.from_preset(path)` reads every format back with identical weights.
+
+        Args:
+            path: where to write: a folder for `"open_clip"`, `"hf"` and
+                `"keras_hub"`; a `.safetensors` or `.pt` file for `"openai"`.
+            format: one of
+                - `"open_clip"`: `open_clip_model.safetensors`,
+                  `open_clip_config.json` (architecture, QuickGELU flag,
+                  preprocessing) and the model config `<name>.json`; load with
+                  `open_clip.create_model_and_transforms("local-dir:" + path)`;
+                - `"openai"`: OpenAI's state-dict layout as safetensors or a
+                  `torch.save` dict of tensors (only the safetensors metadata
+                  records the activation, for keras_clip);
+                - `"hf"`: a transformers `CLIPModel` folder with tokenizer and
+                  image-processor files (ViT image towers only);
+                - `"keras_hub"`: a keras-hub `CLIPBackbone` + `CLIPPreprocessor`
+                  preset folder (ViT only; needs `keras_clip[keras_hub]`).
+
+        Returns:
+            List of the paths written.
+
+        Raises:
+            ValueError: unknown `format`, a ResNet image tower for `"hf"`, or a
+                setting the format cannot record (e.g. LayerNorm epsilon != 1e-5
+                for open_clip / OpenAI).
+        """
+        from keras_clip.convert import writers
+
+        return writers.save_checkpoint(self, path, format)
+
 
 def _l2_normalize(x):
     x32 = ops.cast(x, "float32")
