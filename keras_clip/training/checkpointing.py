@@ -108,7 +108,7 @@ class CheckpointKeeper:
 
     def _check_fingerprint(self, prefix):
         """Raises `CheckpointMismatchError` if `prefix` was written by another kind of run."""
-        reader = tf.train.load_checkpoint(prefix)
+        reader = tf.compat.v1.train.NewCheckpointReader(prefix)  # load_checkpoint mistakes ram:// prefixes for folders
         if not reader.has_tensor(_FINGERPRINT_TENSOR):
             raise CheckpointMismatchError(
                 f"Checkpoint {prefix} has no run fingerprint (written by an older keras_clip or "
@@ -163,7 +163,7 @@ def _unreadable(prefix):
     reading every tensor rather than the type of the restore error.
     """
     try:
-        reader = tf.train.load_checkpoint(prefix)
+        reader = tf.compat.v1.train.NewCheckpointReader(prefix)  # load_checkpoint mistakes ram:// prefixes for folders
         for name in reader.get_variable_to_shape_map():
             reader.get_tensor(name)
     except Exception as e:  # noqa: BLE001 - any failure to read is damage
