@@ -12,12 +12,13 @@ launcher is forwarded to every worker's group; workers still alive after
 `--kill_timeout_seconds` get SIGKILL, so no worker outlives the launcher (unless
 the launcher itself is SIGKILLed, which no program can handle).
 
-Addresses: the launcher logs the `host:port` of each worker. TensorFlow's gRPC
-server listens on *all* interfaces (`0.0.0.0:port`, whatever host TF_CONFIG
-names: `grpc_server_lib.cc` builds its listening address from the port alone), so
-on a shared machine the ports are reachable from the network while the job
-runs; TF_CONFIG only controls where the workers *connect*. Keep such jobs
-behind a firewall.
+Addresses: the launcher logs the `host:port` of each worker. TensorFlow (2.21)
+cannot be made to bind loopback only: with `127.0.0.1:<port>` in TF_CONFIG its
+gRPC server still listens on every interface (measured: `/proc/net/tcp6` shows
+`[::]:<port>` in LISTEN state; tensorflow/core/distributed_runtime/rpc/
+grpc_server_lib.cc builds the listening address from the port alone). TF_CONFIG
+only decides where workers *connect*; on a shared or exposed machine, keep the
+ports behind a firewall while the job runs.
 """
 import json
 import os

@@ -10,14 +10,17 @@ stages, with no Python in the per-example path:
 
     source records (per-worker shard)
       -> [training] zip with a per-element random seed, shuffle encoded records
-      -> [repeat] repeat: every pass reshuffled and redrawn
-      -> skip(skip_records)
-      -> parse, pick a caption, drop blank captions and non-images  (parallel)
+      -> [repeat] a pass marker after every pass; repeat: every pass reshuffled
+         and redrawn
+      -> number this pipeline's records (its stream position, drops included),
+         deal blocks out to the pipelines, drop positions < skip_records
+      -> parse, pick a caption, drop blank captions and non-images  (in order)
       -> number the records consecutively, then one sentinel record
       -> decode + augment (training) or CLIPImagePreprocessor (eval)
          (parallel, order-preserving)
       -> ignore_errors()  (drops images that fail to decode)
       -> count the gaps in the numbering as decode failures, drop the sentinel
+      -> [repeat] raise if a whole pass (marker to marker) held no usable example
       -> batch -> tokenize (CLIPTokenizer, on the batch) -> prefetch
 
 Randomness. With `seed` set, everything is reproducible: the file order, the
