@@ -379,9 +379,11 @@ def write_demo_dataset(output_dir, num_train=20000, num_val=1000, num_zero_shot=
         dict with lists of paths under `"train"`, `"val"`, `"zero_shot"`, and the
         JSON path under `"zero_shot_json"`.
     """
+    import tensorflow as tf
+
     from keras_clip.data.shards import write_shards
 
-    os.makedirs(output_dir, exist_ok=True)
+    tf.io.gfile.makedirs(output_dir)  # any TensorFlow filesystem (gs://, ram://, local)
     paths = {}
     for split, count in (("train", num_train), ("val", num_val)):
         paths[split] = write_shards(
@@ -404,14 +406,19 @@ def write_demo_dataset(output_dir, num_train=20000, num_val=1000, num_zero_shot=
         "labels": [label for _, label in zero_shot],
         "files": [os.path.basename(p) for p in paths["zero_shot"]],
     }
-    paths["zero_shot_json"] = os.path.join(output_dir, ZERO_SHOT_FILE)
-    with open(paths["zero_shot_json"], "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=1)
+    paths["zero_shot_json"] = _join(output_dir, ZERO_SHOT_FILE)
+    with tf.io.gfile.GFile(paths["zero_shot_json"], "w") as f:
+        f.write(json.dumps(manifest, indent=1))
     logging.info(
         "Wrote the demo dataset to %s: %d train, %d val, %d zero-shot examples.",
         output_dir, num_train, num_val, num_zero_shot,
     )
     return paths
+
+
+def _join(base, name):
+    """`os.path.join` that keeps `gs://`-style paths intact."""
+    return f"{base.rstrip('/')}/{name}" if "://" in base else os.path.join(base, name)
 
 
 def read_demo_zero_shot_split(output_dir):
@@ -423,9 +430,9 @@ def read_demo_zero_shot_split(output_dir):
     """
     import tensorflow as tf
 
-    with open(os.path.join(output_dir, ZERO_SHOT_FILE), encoding="utf-8") as f:
-        manifest = json.load(f)
-    files = [os.path.join(output_dir, name) for name in manifest["files"]]
+    with tf.io.gfile.GFile(_join(output_dir, ZERO_SHOT_FILE), "r") as f:
+        manifest = json.loads(f.read())
+    files = [_join(output_dir, name) for name in manifest["files"]]
     spec = {"jpg": tf.io.FixedLenFeature([], tf.string), "txt": tf.io.FixedLenFeature([], tf.string)}
     index = {name: i for i, name in enumerate(manifest["classes"])}
     images, labels = [], []

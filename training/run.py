@@ -41,7 +41,8 @@ _HELP = {
     "log_every": "Steps between TensorBoard points.",
     "demo_examples": "Size of the generated demo training set.",
     "shuffle_buffer": "Shuffle buffer (records).",
-    "max_train_seconds": "Stop (with a checkpoint) after this many seconds; 0: never.",
+    "max_train_seconds": "Stop (with a checkpoint) after this many seconds on the chief's clock "
+                         "(every worker stops at the same step); 0: never.",
     "time_collectives_steps": "After training, time the all-gather and gradient all-reduce alone "
                               "this many times each (summary.json 'collectives'); 0: off.",
 }

@@ -10,14 +10,17 @@ stages, with no Python in the per-example path:
 
     source records (per-worker shard)
       -> [training] zip with a per-element random seed, shuffle encoded records
-      -> [repeat] repeat: every pass reshuffled and redrawn
-      -> skip(skip_records)
-      -> parse, pick a caption, drop blank captions and non-images  (parallel)
+      -> [repeat] a pass marker after every pass; repeat: every pass reshuffled
+         and redrawn
+      -> number this pipeline's records (its stream position, drops included),
+         deal blocks out to the pipelines, drop positions < skip_records
+      -> parse, pick a caption, drop blank captions and non-images  (in order)
       -> number the records consecutively, then one sentinel record
       -> decode + augment (training) or CLIPImagePreprocessor (eval)
          (parallel, order-preserving)
       -> ignore_errors()  (drops images that fail to decode)
       -> count the gaps in the numbering as decode failures, drop the sentinel
+      -> [repeat] raise if a whole pass (marker to marker) held no usable example
       -> batch -> tokenize (CLIPTokenizer, on the batch) -> prefetch
 
 Randomness. With `seed` set, everything is reproducible: the file order, the
@@ -255,6 +258,26 @@ def _validate(batch_size, image_size, context_length, seed, shuffle_buffer, skip
         raise ValueError(f"`seed` must be None or a non-negative integer. Received: seed={seed!r}")
 
 
+EMPTY_STREAM_ERROR = "No usable record in a whole pass"
+
+
+def _placeholder(spec):
+    """A value of structure `spec` (zeros, empty strings): the pass marker's record."""
+    return tf.nest.map_structure(
+        lambda s: tf.zeros([d if d is not None else 0 for d in s.shape], s.dtype), spec)
+
+
+def _empty_pass_message(data_name, pass_records, counters):
+    """The error of a stream in which a whole pass produced no usable example."""
+    text = f"{EMPTY_STREAM_ERROR} over {data_name or 'the data'}: " + "{} records were read and all dropped"
+    values = [pass_records]
+    if counters is not None:
+        text += " (counts so far: " + ", ".join(f"{name}={{}}" for name in _COUNTER_NAMES) + ")"
+        values += [getattr(counters, name).read_value() for name in _COUNTER_NAMES]
+    text += ". Check that the records hold images and captions in the expected format."
+    return tf.strings.format(text, values)
+
+
 def _sharding(input_context, batch_size):
     """`(num_pipelines, pipeline_id, per_replica_batch_size)`."""
     if input_context is None:
@@ -284,6 +307,8 @@ def _build_pipeline(
     return_keys,
     element_shards=(1, 0),
     repeat=False,
+    return_positions=False,
+    data_name="",
 ):
     """Everything after the source; see the module docstring.
 
@@ -297,6 +322,7 @@ def _build_pipeline(
             seeds and the shuffle, so with equal seeds every step's global batch
             holds exactly the examples (and crops, and captions) that one process
             reading everything with the global batch size would put in it.
+        data_name: what the records come from, for error messages.
         (others: as in `tfrecord_dataset`.)
     """
     if element_shards[0] > 1 and seed is None:
@@ -320,17 +346,47 @@ def _build_pipeline(
         )
     else:
         dataset = source.map(lambda record: (record, tf.constant(0, tf.int64)))
+    dataset = dataset.map(lambda record, element_seed: (record, element_seed, tf.constant(False)))
     if repeat:
-        # Each pass re-iterates the shuffle and the seed stream, so it is reshuffled
-        # and redrawn, reproducibly: the whole infinite stream is fixed by `seed`.
-        dataset = dataset.repeat()
+        # A pass marker ends every pass, so that a stream in which no record is
+        # usable is detected (below) instead of being repeated forever. Each pass
+        # re-iterates the shuffle and the seed stream, so it is reshuffled and
+        # redrawn, reproducibly: the whole infinite stream is fixed by `seed`.
+        marker = (_placeholder(source.element_spec), tf.constant(0, tf.int64), tf.constant(True))
+        dataset = dataset.concatenate(tf.data.Dataset.from_tensors(marker)).repeat()
     num_shards, shard_id = element_shards
-    if num_shards > 1:
-        dataset = dataset.batch(batch_size).shard(num_shards, shard_id).unbatch()
-    if skip_records:
-        dataset = dataset.skip(skip_records)
 
-    def parse(record, element_seed):
+    def deal(state, element):
+        # Numbers this pipeline's records (its position in the stream, drops
+        # included) and deals blocks of `batch_size` records out to the
+        # pipelines; markers go to every pipeline, carrying the pass's size.
+        seen, position, in_pass = state
+        record, element_seed, is_marker = element
+        mine = is_marker | ((seen // batch_size) % num_shards == shard_id)
+        counted = tf.cast(mine & ~is_marker, tf.int64)
+        pass_records = tf.where(is_marker, in_pass, tf.constant(0, tf.int64))
+        state = (seen + tf.cast(~is_marker, tf.int64), position + counted,
+                 tf.where(is_marker, tf.constant(0, tf.int64), in_pass + counted))
+        return state, (record, element_seed, is_marker, position, pass_records, mine)
+
+    zero = tf.constant(0, tf.int64)
+    dataset = dataset.scan((zero, zero, zero), deal)
+    # Skipping by position (rather than `skip()`) counts only this pipeline's
+    # records, never the markers.
+    dataset = dataset.filter(lambda record, seed_, is_marker, position, pass_records, mine: (
+        mine & (position >= skip_records)))
+
+    def parse_marker():
+        return {"image_bytes": tf.constant(_SENTINEL_PNG), "caption": tf.constant(""), "key": tf.constant(""),
+                "seed": tf.zeros([2], tf.int64), "keep": tf.constant(True)}
+
+    def parse(record, element_seed, is_marker, position, pass_records, mine):
+        del mine
+        example = tf.cond(is_marker, parse_marker, lambda: parse_record(record, element_seed))
+        example.update(marker=is_marker, position=position, pass_records=pass_records)
+        return example
+
+    def parse_record(record, element_seed):
         caption_seed, crop_seed = tf.unstack(
             tf.random.experimental.stateless_split(tf.stack([element_seed, tf.constant(0, tf.int64)]), 2)
         )
@@ -349,12 +405,14 @@ def _build_pipeline(
     def to_decode(example):
         return {
             "image_bytes": example["image_bytes"], "caption": example["caption"], "key": example["key"],
-            "seed": example["seed"], "sentinel": tf.constant(False),
+            "seed": example["seed"], "sentinel": example["marker"], "position": example["position"],
+            "pass_records": example["pass_records"],
         }
 
     sentinel = tf.data.Dataset.from_tensors({
         "image_bytes": tf.constant(_SENTINEL_PNG), "caption": tf.constant(""), "key": tf.constant(""),
-        "seed": tf.zeros([2], tf.int64), "sentinel": tf.constant(True),
+        "seed": tf.zeros([2], tf.int64), "sentinel": tf.constant(True), "position": tf.constant(-1, tf.int64),
+        "pass_records": tf.constant(0, tf.int64),
     })
 
     def number(next_index, example):
@@ -367,7 +425,8 @@ def _build_pipeline(
             image = augment.train_transform(example["image_bytes"], example["seed"], preprocessor, scale=scale)
         else:
             image = preprocessor(example["image_bytes"])
-        decoded = {"images": image, "captions": example["caption"], "keys": example["key"]}
+        decoded = {"images": image, "captions": example["caption"], "keys": example["key"],
+                   "positions": example["position"], "pass_records": example["pass_records"]}
         return index, example["sentinel"], decoded
 
     def count_gaps(last_index, element):
@@ -383,17 +442,35 @@ def _build_pipeline(
             outputs = {"images": tf.identity(batch["images"]), "token_ids": tf.identity(token_ids)}
         if return_keys:
             outputs["keys"] = batch["keys"]
+        if return_positions:
+            outputs["positions"] = batch["positions"]
         return outputs
 
-    dataset = dataset.map(parse, **parallel)
+    def check_pass(state, element):
+        # Markers end passes: a whole pass without one usable example would
+        # otherwise repeat forever without a batch. `complete`: the current pass
+        # was seen from its start (a resumed stream starts mid-pass).
+        usable, complete = state
+        is_sentinel, decoded = element
+        empty = is_sentinel & complete & tf.equal(usable, 0)
+        check = tf.debugging.Assert(~empty, [_empty_pass_message(data_name, decoded["pass_records"], counters)])
+        with tf.control_dependencies([check]):
+            is_sentinel = tf.identity(is_sentinel)
+        state = (tf.where(is_sentinel, tf.constant(0, tf.int64), usable + 1), complete | is_sentinel)
+        return state, (is_sentinel, decoded)
+
+    # In order: markers must stay behind the records of their pass.
+    dataset = dataset.map(parse, **in_order)
     dataset = dataset.filter(lambda example: example["keep"])
     dataset = dataset.map(to_decode).concatenate(sentinel)
     dataset = dataset.scan(tf.constant(0, tf.int64), number)
     dataset = dataset.map(decode, **in_order)
     dataset = dataset.ignore_errors()
     dataset = dataset.scan(tf.constant(-1, tf.int64), count_gaps)
+    if repeat:
+        dataset = dataset.scan((tf.constant(0, tf.int64), tf.constant(skip_records == 0)), check_pass)
     dataset = dataset.filter(lambda is_sentinel, decoded: ~is_sentinel)
-    dataset = dataset.map(lambda is_sentinel, decoded: decoded)
+    dataset = dataset.map(lambda is_sentinel, decoded: {k: v for k, v in decoded.items() if k != "pass_records"})
     dataset = dataset.batch(batch_size, drop_remainder=training, **parallel)
     dataset = dataset.map(tokenize, **parallel)
     if repeat:
@@ -436,13 +513,22 @@ _COMMON_ARGS_DOC = """
             the first iteration is the rest of the first iteration of a dataset
             built without skipping; with `repeat`, the rest of the whole stream
             (passes included). These are records, not examples: records
-            later dropped as bad count too. Skipped records are not counted in
-            `counters`.
+            later dropped as bad count too (`return_positions` gives the exact
+            count). Skipped records are not counted in `counters`. With
+            `repeat`, a whole pass that yields no usable example (every record
+            dropped, or no record at all) raises `tf.errors.InvalidArgumentError`
+            starting with "No usable record in a whole pass" instead of looping
+            forever (after one pass; after two when resuming mid-pass).
         counters: optional `PipelineCounters` to update.
         mean: 3 floats, normalisation mean (OpenAI's by default).
         std: 3 floats, normalisation standard deviation (OpenAI's by default).
         scale: `(low, high)` crop area range of the training RandomResizedCrop.
         return_keys: bool, also return `"keys"`, tf.string `(B,)`.
+        return_positions: bool, also return `"positions"`, int64 `(B,)`: each
+            example's position in this pipeline's record stream (counting every
+            record, dropped ones too, from the start of the stream). A
+            trainer resumes exactly with `skip_records` = the largest position
+            consumed + 1.
 """
 
 
@@ -462,6 +548,11 @@ def _resolve_files(file_pattern_or_list):
     if not files:
         raise ValueError(f"No files match `file_pattern_or_list`. Received: {file_pattern_or_list!r}")
     return files
+
+
+def _describe_files(files, limit=3):
+    shown = ", ".join(files[:limit])
+    return shown + (f", ... {len(files) - limit} more" if len(files) > limit else "")
 
 
 def _parse_tfrecord(serialized):
@@ -500,6 +591,7 @@ def tfrecord_dataset(
     std=OPENAI_STD,
     scale=augment.DEFAULT_SCALE,
     return_keys=False,
+    return_positions=False,
 ):
     """Image-caption batches from TFRecord shards in img2dataset's schema.
 
@@ -554,8 +646,9 @@ def tfrecord_dataset(
         context_length=context_length, training=training, seed=seed,
         shuffle_buffer=shuffle_buffer, skip_records=skip_records, repeat=repeat, counters=counters,
         mean=mean, std=std,
-        scale=scale, return_keys=return_keys,
+        scale=scale, return_keys=return_keys, return_positions=return_positions,
         element_shards=(num_pipelines, pipeline_id) if by_element else (1, 0),
+        data_name=f"{len(files)} TFRecord files ({_describe_files(files)})",
     )
 
 
@@ -584,6 +677,7 @@ def csv_dataset(
     std=OPENAI_STD,
     scale=augment.DEFAULT_SCALE,
     return_keys=False,
+    return_positions=False,
 ):
     """Image-caption batches read straight from a CSV/TSV and an image folder.
 
@@ -645,8 +739,8 @@ def csv_dataset(
         context_length=context_length, training=training, seed=seed,
         shuffle_buffer=shuffle_buffer, skip_records=skip_records, repeat=repeat, counters=counters,
         mean=mean, std=std,
-        scale=scale, return_keys=return_keys,
-        element_shards=(num_pipelines, pipeline_id),
+        scale=scale, return_keys=return_keys, return_positions=return_positions,
+        element_shards=(num_pipelines, pipeline_id), data_name=f"{len(records)} records of {csv_path}",
     )
 
 
@@ -690,6 +784,7 @@ def tfds_dataset(
     std=OPENAI_STD,
     scale=augment.DEFAULT_SCALE,
     return_keys=False,
+    return_positions=False,
 ):
     """Image-caption batches from an already prepared TFDS dataset.
 
@@ -752,8 +847,9 @@ def tfds_dataset(
         context_length=context_length, training=training, seed=seed,
         shuffle_buffer=shuffle_buffer, skip_records=skip_records, repeat=repeat, counters=counters,
         mean=mean, std=std,
-        scale=scale, return_keys=return_keys,
+        scale=scale, return_keys=return_keys, return_positions=return_positions,
         element_shards=(num_pipelines, pipeline_id) if by_element else (1, 0),
+        data_name=f"TFDS {name} split {split}",
     )
 
 
@@ -762,22 +858,33 @@ def tfds_dataset(
 # --------------------------------------------------------------------------
 
 
-def load_image_caption_pairs(spec, image_root="", max_images=None):
+def load_image_caption_pairs(spec, image_root="", max_images=None, problems=None):
     """Encoded images with *all* their captions, for retrieval evaluation.
+
+    Damaged input does not raise: a TFRecord file is read up to its damage,
+    captions with invalid UTF-8 are decoded with U+FFFD replacement characters,
+    and what happened is counted in `problems`.
 
     Args:
         spec: TFRecord pattern/list (img2dataset schema, `txts` for several captions
             per image) or a CSV/TSV path (rows grouped by image; with `image_root`).
         image_root: folder of the CSV's image files.
         max_images: keep the first this many images (None: all).
+        problems: optional dict, updated with counts of what was damaged:
+            `damaged_files` (TFRecord files read up to an error),
+            `invalid_utf8_captions` (captions repaired), `invalid_utf8_rows`
+            (CSV rows repaired).
 
     Returns:
         `(images, captions)`: list of encoded image bytes and, per image, the list of
         its non-blank captions. Records without an image or a caption are left out.
     """
+    problems = {} if problems is None else problems
     images, captions = [], []
     if str(spec).endswith((".csv", ".tsv")):
-        records, _ = shards.read_caption_table(spec)
+        records, counts = shards.read_caption_table(spec)
+        if counts.get("invalid_utf8_rows"):
+            problems["invalid_utf8_rows"] = counts["invalid_utf8_rows"]
         for _, name, texts in records:
             path = os.path.join(image_root, name)
             if tf.io.gfile.exists(path) and texts:
@@ -786,12 +893,30 @@ def load_image_caption_pairs(spec, image_root="", max_images=None):
             if max_images and len(images) >= max_images:
                 break
         return images, captions
-    for record in tf.data.TFRecordDataset(_resolve_files(spec)):
-        image_bytes, texts, _ = _parse_tfrecord(record)
-        texts = [t.decode("utf-8") for t in texts.numpy() if t.strip()]
-        if texts and looks_like_image(image_bytes):
-            images.append(image_bytes.numpy())
-            captions.append(texts)
+    invalid = 0
+    for path in _resolve_files(spec):
+        try:
+            for record in tf.data.TFRecordDataset(path):
+                image_bytes, raw_texts, _ = _parse_tfrecord(record)
+                texts = []
+                for raw in raw_texts.numpy():
+                    try:
+                        text = raw.decode("utf-8")
+                    except UnicodeDecodeError:
+                        invalid += 1
+                        text = raw.decode("utf-8", errors="replace")
+                    if text.strip():
+                        texts.append(text)
+                if texts and looks_like_image(image_bytes):
+                    images.append(image_bytes.numpy())
+                    captions.append(texts)
+                if max_images and len(images) >= max_images:
+                    break
+        except (tf.errors.DataLossError, tf.errors.OutOfRangeError) as e:
+            problems["damaged_files"] = problems.get("damaged_files", 0) + 1
+            logging.warning("%s is damaged (%s); read up to the damage.", path, type(e).__name__)
         if max_images and len(images) >= max_images:
             break
+    if invalid:
+        problems["invalid_utf8_captions"] = invalid
     return images, captions

@@ -19,6 +19,7 @@ training pipeline checks signatures and drops undecodable files.
 """
 
 import csv
+import io
 import os
 import tarfile
 
@@ -126,11 +127,35 @@ def _read_rows(path, delimiter):
     if delimiter is None:
         delimiter = "\t" if path.lower().endswith(".tsv") else ","
     quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
-    with tf.io.gfile.GFile(path, "r") as f:
-        reader = csv.DictReader(f, delimiter=delimiter, quoting=quoting)
-        rows = list(reader)
-        columns = reader.fieldnames or []
-    return rows, columns
+    with tf.io.gfile.GFile(path, "rb") as f:
+        data = f.read()
+    # Invalid UTF-8 (a Latin-1 export, a damaged file) must not stop a run: such
+    # bytes become U+FFFD and the rows holding them are counted.
+    text = data.decode("utf-8-sig", errors="surrogateescape")
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting)
+    rows = list(reader)
+    columns = reader.fieldnames or []
+    invalid = 0
+    for row in rows:
+        if any(_has_invalid(value) for value in row.values()):
+            invalid += 1
+            for name, value in row.items():
+                row[name] = _repair(value)
+    return rows, columns, invalid
+
+
+def _has_invalid(value):
+    if isinstance(value, list):  # extra fields of a ragged row
+        return any(_has_invalid(v) for v in value)
+    return isinstance(value, str) and any("\udc80" <= c <= "\udcff" for c in value)
+
+
+def _repair(value):
+    if isinstance(value, list):
+        return [_repair(v) for v in value]
+    if not isinstance(value, str):
+        return value
+    return value.encode("utf-8", errors="surrogateescape").decode("utf-8", errors="replace")
 
 
 def read_caption_table(
@@ -161,14 +186,16 @@ def read_caption_table(
         `(records, counts)`: `records` is a list of `(key, image_name, captions)`
         with blank captions removed and records left without captions dropped;
         `counts` is a dict with `rows` (rows kept by the split filter),
-        `empty_captions` (blank captions skipped) and `records`.
+        `empty_captions` (blank captions skipped), `records` and
+        `invalid_utf8_rows` (rows whose invalid UTF-8 bytes were replaced by
+        U+FFFD; they are kept).
     """
     if (split_column is None) != (split is None):
         raise ValueError(
             "`split_column` and `split` must be given together. "
             f"Received: split_column={split_column!r}, split={split!r}"
         )
-    rows, columns = _read_rows(csv_path, delimiter)
+    rows, columns, invalid_utf8_rows = _read_rows(csv_path, delimiter)
     for name in [image_column, caption_column] + ([split_column] if split_column else []):
         if name not in columns:
             raise ValueError(f"Column {name!r} not found in {csv_path}. Available columns: {columns}")
@@ -200,7 +227,8 @@ def read_caption_table(
             seen[image_name] = index + 1
             keyed.append((f"{os.path.splitext(image_name)[0]}/{index}", image_name, [caption]))
         records = keyed
-    counts = {"rows": len(rows), "empty_captions": empty_captions, "records": len(records)}
+    counts = {"rows": len(rows), "empty_captions": empty_captions, "records": len(records),
+              "invalid_utf8_rows": invalid_utf8_rows}
     return records, counts
 
 

@@ -37,6 +37,8 @@ class TrainConfig:
         demo_examples: size of the generated demo training set.
         shuffle_buffer: records in the shuffle buffer.
         max_train_seconds: stop early (after a checkpoint) when exceeded; 0 = never.
+            Measured on the chief's clock only; its decision is all-gathered
+            with the next step, so every worker stops at the same step.
         time_collectives_steps: after training, time the step's all-gather and
             gradient all-reduce on their own this many times each
             (`keras_clip.training.collectives`); 0 = off.

@@ -9,6 +9,8 @@ Keras 3's `fit` crashes under `MultiWorkerMirroredStrategy` (in
 import dataclasses
 import json
 import os
+import re
+import tempfile
 import time
 
 import keras
@@ -18,6 +20,7 @@ from absl import logging
 
 from keras_clip.models.clip import CLIP
 from keras_clip.training.checkpointing import CheckpointKeeper
+from keras_clip.training.checkpointing import CheckpointMismatchError  # noqa: F401 (re-export)
 from keras_clip.training.config import TrainConfig
 from keras_clip.training.optimizer import WarmupCosineDecay, create_optimizer
 
@@ -50,21 +53,42 @@ def _jit_enabled(setting):
 # ----------------------------------------------------------------------------------
 
 
+def _join(base, *parts):
+    """`os.path.join` that also keeps `gs://`, `s3://` and `ram://` paths intact."""
+    return "/".join([base.rstrip("/"), *parts]) if "://" in base else os.path.join(base, *parts)
+
+
+def _write_text(path, text):
+    with tf.io.gfile.GFile(path, "w") as f:
+        f.write(text)
+
+
+_DEMO_COMPLETE = "_COMPLETE"
+
+
 def _prepare_demo_data(model_dir, config):
-    """Generates the demo TFRecords once per model_dir (atomic rename; safe for workers)."""
+    """Generates the demo TFRecords once per model_dir (safe for concurrent workers).
+
+    Written beside the target and renamed into place where the filesystem can
+    rename folders (local disks); elsewhere (`gs://`, `ram://`) the files are
+    copied in. `_COMPLETE` marks a finished folder.
+    """
     from keras_clip import demo_data
 
-    target = os.path.join(model_dir, "demo_data")
-    if not os.path.isdir(target):
-        scratch = f"{target}.tmp-{os.getpid()}"
-        demo_data.write_demo_dataset(scratch, num_train=config.demo_examples,
-                                     num_val=max(config.demo_examples // 10, 200), seed=config.seed)
-        try:
-            os.rename(scratch, target)
-        except OSError:  # another worker finished first
-            import shutil
-
-            shutil.rmtree(scratch, ignore_errors=True)
+    target = _join(model_dir, "demo_data")
+    if tf.io.gfile.exists(_join(target, _DEMO_COMPLETE)):
+        return target
+    scratch = f"{target}.tmp-{os.getpid()}"
+    demo_data.write_demo_dataset(scratch, num_train=config.demo_examples,
+                                 num_val=max(config.demo_examples // 10, 200), seed=config.seed)
+    try:
+        tf.io.gfile.rename(scratch, target)
+    except (tf.errors.OpError, OSError):  # exists (another worker, an older run) or no folder rename
+        tf.io.gfile.makedirs(target)
+        for name in tf.io.gfile.listdir(scratch):
+            tf.io.gfile.copy(_join(scratch, name), _join(target, name), overwrite=True)
+        tf.io.gfile.rmtree(scratch)
+    _write_text(_join(target, _DEMO_COMPLETE), "")
     return target
 
 
@@ -73,33 +97,54 @@ def _resolve_data(spec, split, model_dir, config):
     if spec != "demo":
         return spec
     folder = _prepare_demo_data(model_dir, config)
-    return os.path.join(folder, f"{split}-*.tfrecord")
+    return _join(folder, f"{split}-*.tfrecord")
 
 
-def count_records(spec, image_root=""):
-    """Number of training examples (images) behind a data spec."""
+def inspect_records(spec, image_root=""):
+    """`(count, problems)`: training examples (images) behind a data spec, and what
+    could not be read while counting (truncated TFRecord files, CSV rows with
+    invalid UTF-8) as a dict (empty when all is well)."""
+    problems = {}
     if spec.startswith("tfds:"):
         import tensorflow_datasets as tfds
 
         name, _, split = spec[len("tfds:"):].partition("/")
-        return tfds.builder(name).info.splits[split or "train"].num_examples
+        return tfds.builder(name).info.splits[split or "train"].num_examples, problems
     if spec.endswith((".csv", ".tsv")):
-        import csv
+        from keras_clip.data import shards
 
-        delimiter = "\t" if spec.endswith(".tsv") else ","
-        with open(spec, newline="") as f:
-            rows = list(csv.DictReader(f, delimiter=delimiter))
-        key = "image" if rows and "image" in rows[0] else list(rows[0])[0]
-        return len({row[key] for row in rows})
+        records, counts = shards.read_caption_table(spec)
+        for name in ("empty_captions", "invalid_utf8_rows"):
+            if counts.get(name):
+                problems[name] = counts[name]
+        return len(records), problems
     files = tf.io.gfile.glob(spec)
     if not files:
         raise FileNotFoundError(f"No files match the data pattern {spec!r}")
-    return int(sum(1 for _ in tf.data.TFRecordDataset(files)))
+    total, truncated = 0, {}
+    for path in sorted(files):
+        count = 0
+        try:
+            for _ in tf.data.TFRecordDataset(path):
+                count += 1
+        except (tf.errors.DataLossError, tf.errors.OutOfRangeError) as e:
+            truncated[path] = count
+            logging.warning("%s is damaged after %d records (%s); the rest of it is skipped.",
+                            path, count, type(e).__name__)
+        total += count
+    if truncated:
+        problems["damaged_files"] = truncated  # path -> records readable before the damage
+    return total, problems
+
+
+def count_records(spec, image_root=""):
+    """Number of training examples (images) behind a data spec."""
+    return inspect_records(spec, image_root)[0]
 
 
 def make_dataset(spec, *, image_size, context_length, batch_size, training, seed=0,
                  image_root="", shuffle_buffer=2000, input_context=None, skip_records=0,
-                 counters=None, repeat=False):
+                 counters=None, repeat=False, return_positions=False):
     """A batched dataset of `{"images", "token_ids"}` from any supported data spec."""
     from keras_clip.data import pipeline
 
@@ -107,7 +152,7 @@ def make_dataset(spec, *, image_size, context_length, batch_size, training, seed
         image_size=image_size, context_length=context_length, batch_size=batch_size,
         training=training, seed=seed, shuffle_buffer=shuffle_buffer,
         input_context=input_context, skip_records=skip_records, counters=counters,
-        repeat=repeat,
+        repeat=repeat, return_positions=return_positions,
     )
     if spec.startswith("tfds:"):
         name, _, split = spec[len("tfds:"):].partition("/")
@@ -127,12 +172,16 @@ def evaluate_retrieval(model, spec, image_root="", max_images=1000):
     from keras_clip.data import pipeline
     from keras_clip.evaluation import retrieval
 
+    problems = {}
     images, captions = pipeline.load_image_caption_pairs(spec, image_root=image_root,
-                                                         max_images=max_images)
+                                                         max_images=max_images, problems=problems)
+    if not images:
+        raise ValueError(f"No usable image-caption pair in the validation data {spec!r} ({problems}).")
     texts = [c for caps in captions for c in caps]
     owner = np.array([i for i, caps in enumerate(captions) for _ in caps])
     result = retrieval.evaluate_retrieval(model, images, texts, owner)
     result["num_images"], result["num_captions"] = len(images), len(texts)
+    result.update(problems)
     return result
 
 
@@ -142,7 +191,7 @@ def evaluate_demo_zero_shot(model, model_dir):
     from keras_clip.zero_shot import ZeroShotClassifier
 
     images, labels, class_names, templates = demo_data.read_demo_zero_shot_split(
-        os.path.join(model_dir, "demo_data")
+        _join(model_dir, "demo_data")
     )
     classifier = ZeroShotClassifier(model, class_names, templates=templates)
     predictions = np.concatenate([
@@ -175,22 +224,104 @@ def build_model_and_optimizer(config, total_steps):
 def make_train_function(model, strategy):
     """A `tf.function` running one `CLIP.train_step` per replica on the next batch.
 
-    Trackers are reset before each step, so the returned values are this step's
+    Called as `train_function(iterator, stop_flag)` with `stop_flag` a scalar
+    int64 tensor (this worker's vote to stop, only the chief's is non-zero).
+    Trackers are reset before each step, so the returned metrics are this step's
     global-batch figures (aggregated over replicas in cross-replica context).
+
+    Returns:
+        `(metrics, control)`: dict of scalars, and int64 `(num_replicas, 2)`
+        all-gathered across workers: per replica, the position in its pipeline's
+        record stream after this batch (the `skip_records` that resumes exactly
+        after it, drops included) and the stop flag. Every worker gets the same
+        `control`, so every worker takes the same decision at the same step.
     """
 
     @tf.function
-    def train_function(iterator):
+    def train_function(iterator, stop_flag):
         for tracker in model.metrics:
             tracker.reset_state()
-        strategy.run(model.train_step, args=(next(iterator),))
-        return {tracker.name: tracker.result() for tracker in model.metrics}
+
+        def replica_step(data):
+            data = dict(data)
+            positions = data.pop("positions")  # (b,)
+            model.train_step(data)
+            return tf.stack([tf.reduce_max(positions) + 1, tf.cast(stop_flag, tf.int64)])[tf.newaxis]  # (1, 2)
+
+        control = strategy.gather(strategy.run(replica_step, args=(next(iterator),)), axis=0)  # (R, 2)
+        return {tracker.name: tracker.result() for tracker in model.metrics}, control
 
     return train_function
 
 
+def run_fingerprint(config, model, num_replicas):
+    """What a checkpoint must match for this run to resume from it exactly.
+
+    Architecture (the model's config without its name and dtype), precision,
+    global batch size, number of replicas, training data, its image root,
+    seed and shuffle buffer. Learning rate, schedule, step count and
+    checkpoint/log frequencies may change across a resume.
+    """
+    fingerprint = {f"model.{name}": value for name, value in model.get_config().items()
+                   if name not in ("name", "dtype", "trainable")}
+    fingerprint.update(
+        precision=config.precision, global_batch_size=config.global_batch_size,
+        num_replicas=num_replicas, train_data=config.train_data, image_root=config.image_root,
+        seed=config.seed, shuffle_buffer=config.shuffle_buffer,
+    )
+    if config.train_data == "demo":
+        fingerprint["demo_examples"] = config.demo_examples
+    return fingerprint
+
+
+def _empty_stream_error(error, spec, counters):
+    """The `ValueError` for the pipeline's "no usable record" assertion, or None."""
+    from keras_clip.data.pipeline import EMPTY_STREAM_ERROR
+
+    message = getattr(error, "message", str(error))
+    if EMPTY_STREAM_ERROR not in message:
+        return None
+    match = re.search(re.escape(EMPTY_STREAM_ERROR) + r"[^\]]*", message)
+    detail = match.group(0) if match else message
+    return ValueError(f"`train_data` yields no usable example: {detail} (train_data={spec!r}, "
+                      f"counts: {counters.as_dict()})")
+
+
+def _save_preset(model, preset_dir):
+    """`save_to_preset` to any `tf.io.gfile` path (written locally, then copied)."""
+    if "://" not in preset_dir:
+        model.save_to_preset(preset_dir)
+        return
+    with tempfile.TemporaryDirectory() as local:
+        model.save_to_preset(local)
+        for folder, _, names in os.walk(local):
+            relative = os.path.relpath(folder, local)
+            target = preset_dir if relative == "." else _join(preset_dir, *relative.split(os.sep))
+            tf.io.gfile.makedirs(target)
+            for name in names:
+                tf.io.gfile.copy(os.path.join(folder, name), _join(target, name), overwrite=True)
+
+
+def _record_evaluation(summary, name, evaluate):
+    """`summary[name] = evaluate()`; a failure is logged and kept in `summary["evaluation_errors"]`.
+
+    Runs after the preset is saved: a broken validation set must not lose the run.
+    """
+    try:
+        summary[name] = evaluate()
+    except Exception as e:  # noqa: BLE001 - whatever fails, the trained model is already saved
+        logging.exception("Evaluation %s failed; the preset is saved, the run goes on", name)
+        summary.setdefault("evaluation_errors", {})[name] = f"{type(e).__name__}: {e}"
+
+
 def run(config=None, strategy=None, step_callback=None):
     """Trains a CLIP as configured; returns the summary dict (also written as JSON).
+
+    All files go through `tf.io.gfile`, so `model_dir` may be a bucket. A rerun in
+    the same `model_dir` resumes from the newest readable checkpoint, exactly
+    (data position included), if the checkpoint's fingerprint (`run_fingerprint`)
+    matches; otherwise it raises `CheckpointMismatchError` naming the differing
+    fields, before anything is written.
 
     Args:
         config: `TrainConfig` (defaults: the demo run).
@@ -200,66 +331,83 @@ def run(config=None, strategy=None, step_callback=None):
     Returns:
         dict with steps, samples per second, skipped records, final metrics,
         validation retrieval recall and (demo data) zero-shot accuracy.
+
+    Raises:
+        CheckpointMismatchError: see above.
+        ValueError: the training data holds no record, or a whole pass over it
+            yields no usable example.
     """
     config = (config or TrainConfig()).validate()
     strategy = strategy or tf.distribute.get_strategy()
     is_chief, worker_id = _role(strategy)
     keras.utils.set_random_seed(config.seed)
-    os.makedirs(config.model_dir, exist_ok=True)
-    if is_chief:
-        with open(os.path.join(config.model_dir, "train_config.json"), "w") as f:
-            json.dump(dataclasses.asdict(config), f, indent=2)
+    tf.io.gfile.makedirs(config.model_dir)
     logging.info("Training config: %s", dataclasses.asdict(config))
 
     train_spec = _resolve_data(config.train_data, "train", config.model_dir, config)
     val_spec = _resolve_data(config.val_data, "val", config.model_dir, config) if config.val_data else ""
-    num_examples = count_records(train_spec, config.image_root)
+    num_examples, data_problems = inspect_records(train_spec, config.image_root)
+    if num_examples == 0:
+        raise ValueError(f"`train_data` holds no records. Received: train_data={train_spec!r} "
+                         f"(problems: {data_problems or 'none'})")
     steps_per_epoch = max(num_examples // config.global_batch_size, 1)
     total_steps = config.steps or steps_per_epoch * config.epochs
     logging.info("%d training examples, %d steps per epoch, %d steps in all",
                  num_examples, steps_per_epoch, total_steps)
 
+    num_replicas = strategy.num_replicas_in_sync
     with strategy.scope():
         model, optimizer = build_model_and_optimizer(config, total_steps)
         global_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
+        # Per replica: records of its pipeline consumed so far, drops included.
+        data_positions = tf.Variable(tf.zeros([num_replicas], tf.int64), trainable=False,
+                                     name="data_positions")
     logits_shapes = []  # what each replica's step scores: (local rows, global columns)
     model.logits_hook = lambda logits: logits_shapes.append(logits.shape.as_list())
     counts = model.count_params_by_tower()
     logging.info("Parameters: visual %s, text %s, total %s", f"{counts['visual']:,}",
                  f"{counts['text']:,}", f"{counts['total']:,}")
 
-    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, global_step=global_step)
-    keeper = CheckpointKeeper(checkpoint, os.path.join(config.model_dir, "checkpoints"),
-                              is_chief=is_chief, worker_id=worker_id)
-    restored = keeper.restore_latest()
+    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, global_step=global_step,
+                                     data_positions=data_positions)
+    keeper = CheckpointKeeper(checkpoint, _join(config.model_dir, "checkpoints"),
+                              is_chief=is_chief, worker_id=worker_id,
+                              fingerprint=run_fingerprint(config, model, num_replicas))
+    restored = keeper.restore_latest()  # raises on a mismatch, before anything is written
     start_step = int(global_step.numpy())
+    resume_positions = [int(p) for p in data_positions.numpy()]
     if restored:
-        logging.info("Resuming at step %d from %s", start_step, restored)
+        logging.info("Resuming at step %d from %s (records consumed per replica: %s)",
+                     start_step, restored, resume_positions)
+    if is_chief:
+        _write_text(_join(config.model_dir, "train_config.json"),
+                    json.dumps(dataclasses.asdict(config), indent=2))
 
     from keras_clip.data.pipeline import PipelineCounters
 
     counters = PipelineCounters()
     train_function = make_train_function(model, strategy)
-    writer = tf.summary.create_file_writer(os.path.join(config.model_dir, "logs")) if is_chief else None
+    writer = tf.summary.create_file_writer(_join(config.model_dir, "logs")) if is_chief else None
     step, history, train_seconds, deadline_hit = start_step, [], 0.0, False
     first_step_seconds = 0.0  # tracing (and XLA compilation) happen in the first step
-    start_time = time.time()
+    start_time = time.monotonic()
     # One repeating dataset for the whole run (building one traces the decoding and
-    # tokenizing graphs: seconds per rebuild); a resumed run skips the records the
-    # finished steps consumed, before any parsing.
+    # tokenizing graphs: seconds per rebuild); a resumed run skips exactly the
+    # records its pipeline had consumed (bad ones included), before any parsing.
     def dataset_fn(input_context):
-        per_replica = input_context.get_per_replica_batch_size(config.global_batch_size)
         replicas_per_pipeline = max(
             input_context.num_replicas_in_sync // input_context.num_input_pipelines, 1)
+        first = input_context.input_pipeline_id * replicas_per_pipeline
         return make_dataset(
             train_spec, image_size=model.image_size, context_length=model.context_length,
             batch_size=config.global_batch_size, training=True, seed=config.seed,
             image_root=config.image_root, shuffle_buffer=config.shuffle_buffer,
-            input_context=input_context, repeat=True,
-            skip_records=start_step * per_replica * replicas_per_pipeline, counters=counters,
+            input_context=input_context, repeat=True, return_positions=True,
+            skip_records=max(resume_positions[first:first + replicas_per_pipeline]), counters=counters,
         )
 
     iterator = iter(strategy.distribute_datasets_from_function(dataset_fn))
+    stop_vote = False  # the chief's decision to stop; every worker follows it
     while step < total_steps and not deadline_hit:
         epoch, step_in_epoch = divmod(step, steps_per_epoch)
         epoch_steps = min(steps_per_epoch - step_in_epoch, total_steps - step)
@@ -269,13 +417,22 @@ def run(config=None, strategy=None, step_callback=None):
             print(f"Epoch {epoch + 1}/{-(-total_steps // steps_per_epoch)}")
         for _ in range(epoch_steps):
             tic = time.time()
-            logs = {k: float(v) for k, v in train_function(iterator).items()}
+            try:
+                metrics, control = train_function(iterator, tf.constant(int(stop_vote), tf.int64))
+            except tf.errors.InvalidArgumentError as e:
+                error = _empty_stream_error(e, train_spec, counters)
+                if error is None:
+                    raise
+                raise error from None
+            logs = {k: float(v) for k, v in metrics.items()}
+            control = control.numpy()
             if step == start_step:
                 first_step_seconds = time.time() - tic
             else:
                 train_seconds += time.time() - tic
             step += 1
             global_step.assign(step)
+            data_positions.assign(control[:, 0])
             history.append(logs["loss"])
             progbar.update(step - epoch * steps_per_epoch - step_in_epoch, list(logs.items()))
             if step_callback is not None:
@@ -284,12 +441,17 @@ def run(config=None, strategy=None, step_callback=None):
                 with writer.as_default(step=step):
                     for name, value in logs.items():
                         tf.summary.scalar(name, value)
-            if step % config.checkpoint_every == 0 or step == total_steps:
+            deadline_hit = bool(control[:, 1].any())  # the chief's vote, seen by all at this step
+            if step % config.checkpoint_every == 0 or step == total_steps or deadline_hit:
                 keeper.save(step)
-            if config.max_train_seconds and time.time() - start_time > config.max_train_seconds:
-                keeper.save(step)
-                deadline_hit = True
+            if deadline_hit:
+                logging.info("Stopped early at step %d: the chief's max_train_seconds=%s passed",
+                             step, config.max_train_seconds)
                 break
+            # Only the chief's clock decides; its vote travels with the next step.
+            if is_chief and config.max_train_seconds:
+                stop_vote = time.monotonic() - start_time > config.max_train_seconds
+    logging.info("Training ended at step %d (worker %d)", step, worker_id)
 
     summary = {
         "steps": step,
@@ -301,6 +463,8 @@ def run(config=None, strategy=None, step_callback=None):
         "samples_per_second": round(
             max(step - start_step - 1, 0) * config.global_batch_size / max(train_seconds, 1e-9), 2),
         "skipped_records": counters.as_dict(),
+        "data_problems": data_problems,
+        "records_consumed": [int(p) for p in data_positions.numpy()],
         "final_metrics": {k: float(v) for k, v in (logs.items() if step > start_step else [])},
         "loss_history": history,
         "per_replica_logits_shape": logits_shapes[0] if logits_shapes else None,
@@ -313,12 +477,13 @@ def run(config=None, strategy=None, step_callback=None):
                                                   steps=config.time_collectives_steps)
         logging.info("Collectives alone (ms/step): %s", summary["collectives"])
     if is_chief:
-        model.save_to_preset(os.path.join(config.model_dir, "preset"))
+        _save_preset(model, _join(config.model_dir, "preset"))
         if val_spec:
-            summary["val_retrieval"] = evaluate_retrieval(model, val_spec, config.image_root)
+            _record_evaluation(summary, "val_retrieval",
+                               lambda: evaluate_retrieval(model, val_spec, config.image_root))
         if config.train_data == "demo":
-            summary["demo_zero_shot"] = evaluate_demo_zero_shot(model, config.model_dir)
-        with open(os.path.join(config.model_dir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
+            _record_evaluation(summary, "demo_zero_shot",
+                               lambda: evaluate_demo_zero_shot(model, config.model_dir))
+        _write_text(_join(config.model_dir, "summary.json"), json.dumps(summary, indent=2))
         logging.info("Summary: %s", {k: v for k, v in summary.items() if k != "loss_history"})
     return summary
