@@ -586,12 +586,17 @@ def _bytes_prefix(index):
     return tf.strings.format("image bytes at batch index {}", [index])
 
 
-def _validate_max_pixels(max_pixels):
-    if isinstance(max_pixels, bool) or not isinstance(max_pixels, (int, np.integer)) or max_pixels <= 0:
+def validate_max_pixels(value, name="max_pixels", image_size=None):
+    """`value` as an int; a ValueError naming argument `name` unless it is a
+    positive integer (at least `image_size ** 2`: every output passes through a
+    resize to at least that many pixels)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise ValueError(f"`{name}` must be a positive integer. Received: {name}={value!r}")
+    if image_size is not None and value < image_size**2:
         raise ValueError(
-            f"`max_pixels` must be a positive integer. Received: max_pixels={max_pixels!r}"
+            f"`{name}` must be at least image_size ** 2 = {image_size**2}. Received: {name}={value!r}"
         )
-    return int(max_pixels)
+    return int(value)
 
 
 def _resized_size(height, width, image_size):
@@ -760,7 +765,7 @@ def decode_image(image_bytes, max_pixels=DEFAULT_MAX_PIXELS):
             a <W>x<H> image (<N> pixels), more than the limit of <max_pixels>
             pixels (`max_pixels`)`.
     """
-    rgba, _ = _decode_rgba(image_bytes, limits=_Limits(_validate_max_pixels(max_pixels)))
+    rgba, _ = _decode_rgba(image_bytes, limits=_Limits(validate_max_pixels(max_pixels)))
     return rgba[..., :3]
 
 
@@ -1114,7 +1119,7 @@ class CLIPImagePreprocessor(keras.layers.Layer):
         self.image_size = image_size
         self.mean = mean
         self.std = std
-        self.max_pixels = _validate_max_pixels(max_pixels)
+        self.max_pixels = validate_max_pixels(max_pixels, image_size=image_size)
         # ToTensor then Normalize, in float32 and in torchvision's order:
         # ((level / 255) - mean) / std, for every level and channel.
         levels = np.arange(256, dtype=np.float32)[:, None] / np.float32(255.0)
