@@ -25,6 +25,17 @@ bit for bit rather than approximately:
   resized on premultiplied alpha. The mode is read from the file header (PNG
   colour type, GIF palette, BMP depth, WebP alpha flag) and the matching path is
   used.
+
+Hostile input. The image size is read from the header (PNG IHDR, libjpeg's
+header reader, GIF screen and first frame, BMP info header, first WebP chunk) and
+checked against `max_pixels` before any decoding op runs, also after the
+shortest-side resize (which would blow a 20000x1 image up to 20000 times 224
+pixels per row of output). The in-graph header walks are bounded by segments
+and blocks, not bytes: a JPEG's 0xFF fill is skipped a 64 KB window at a time
+and at most `MAX_JPEG_SEGMENTS` segments are walked; a GIF's full data
+sub-blocks are crossed 256 at a time and at most `MAX_GIF_STEPS` steps are
+taken. GIFs are cut after their first frame, so TensorFlow's decoder neither
+keeps every frame in memory nor sizes its canvas by the largest.
 """
 
 import keras
