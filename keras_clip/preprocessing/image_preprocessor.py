@@ -650,31 +650,42 @@ class _Limits:
         return over
 
     def checks(self, prefix, height, width):
-        """Assert ops with messages naming the declared size and the limit."""
+        """Assert ops with messages naming the declared size and the limit.
+
+        The messages are only built when a check fails (inside a `tf.cond`), so
+        the normal path pays for two comparisons, not for string formatting.
+        """
         limit = f"more than the limit of {self.max_pixels} pixels (`max_pixels`)"
-        size = [tf.strings.as_string(width), "x", tf.strings.as_string(height)]
-        checks = [
-            tf.debugging.Assert(
-                self._pixels(height, width) <= self.max_pixels,
-                [tf.strings.join(
-                    [prefix, " declare a ", *size, " image (",
-                     tf.strings.as_string(self._pixels(height, width)), f" pixels), {limit}"]
-                )],
-                name="check_image_pixels",
-            )
-        ]
+
+        def check(ok, message, name):
+            def fail():
+                with tf.control_dependencies([tf.debugging.Assert(False, [message()], name=name)]):
+                    return tf.constant(False)
+
+            return tf.cond(ok, lambda: tf.constant(True), fail)
+
+        def size():
+            return [tf.strings.as_string(width), "x", tf.strings.as_string(height)]
+
+        pixels = self._pixels(height, width)
+        checks = [check(
+            pixels <= self.max_pixels,
+            lambda: tf.strings.join([prefix, " declare a ", *size(), " image (",
+                                     tf.strings.as_string(pixels), f" pixels), {limit}"]),
+            "check_image_pixels",
+        )]
         if self.image_size is not None:
             new_height, new_width = _resized_size(height, width, self.image_size)
             with tf.control_dependencies(checks):
-                checks.append(tf.debugging.Assert(
+                checks.append(check(
                     new_height * new_width <= self.max_pixels,
-                    [tf.strings.join(
-                        [prefix, " declare a ", *size, " image, which resizing to a shortest "
+                    lambda: tf.strings.join(
+                        [prefix, " declare a ", *size(), " image, which resizing to a shortest "
                          f"side of {self.image_size} makes ", tf.strings.as_string(new_width),
                          "x", tf.strings.as_string(new_height), " (",
                          tf.strings.as_string(new_height * new_width), f" pixels), {limit}"]
-                    )],
-                    name="check_resized_pixels",
+                    ),
+                    "check_resized_pixels",
                 ))
         return checks
 
