@@ -27,6 +27,9 @@ flags.DEFINE_string("templates", None,
 flags.DEFINE_string("model_name", "clip", "Model name in models.config and warm-up requests.")
 flags.DEFINE_integer("top_k", 5, "Labels returned per image by `classify`.")
 flags.DEFINE_bool("overwrite", False, "Replace an existing version directory.")
+flags.DEFINE_integer("max_image_pixels", None,
+                     "Largest image (width x height) the signatures decode; larger ones get "
+                     "INVALID_ARGUMENT. Default: the preset's (50 million unless saved otherwise).")
 flags.mark_flag_as_required("export_dir")
 
 
@@ -35,7 +38,10 @@ def main(argv):
     import keras_clip
     from export.saved_model import export_saved_model, read_labels
 
-    model = keras_clip.CLIP.from_preset(FLAGS.preset)
+    overrides = {}
+    if FLAGS.max_image_pixels is not None:
+        overrides["max_image_pixels"] = FLAGS.max_image_pixels
+    model = keras_clip.CLIP.from_preset(FLAGS.preset, **overrides)
     labels = read_labels(FLAGS.labels) if FLAGS.labels else None
     export_saved_model(
         model, FLAGS.export_dir, FLAGS.version, class_names=labels,

@@ -30,8 +30,11 @@ links those ops in) and no Python code from this package.
 
 Requests the graphs reject with `INVALID_ARGUMENT` and a message naming the
 problem: an empty batch, bytes that are not an image (the message names the batch
-index), an empty (or all-whitespace) text and a text longer than `max_text_bytes`
-(both naming the batch index).
+index), an image whose header declares more pixels than the model's
+`max_image_pixels` (checked before decoding; the message names the batch index,
+the declared size and the limit, which the module also keeps as the variable
+`max_image_pixels`), an empty (or all-whitespace) text and a text longer than
+`max_text_bytes` (both naming the batch index).
 """
 import os
 import uuid
@@ -90,6 +93,11 @@ class CLIPServingModule(tf.Module):
             )
         self.model = model
         self.image_preprocessor = model.image_preprocessor()
+        # The limit is a constant of the graph; this records it in the SavedModel.
+        self.max_image_pixels = tf.Variable(
+            self.image_preprocessor.max_pixels, dtype=tf.int64, trainable=False,
+            name="max_image_pixels",
+        )
         self.tokenizer = CLIPTokenizer(context_length=model.context_length, fix_text=True)
         self.max_text_bytes = int(max_text_bytes)
         self.class_names = list(class_names) if class_names else None

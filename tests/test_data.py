@@ -224,7 +224,8 @@ def test_bad_records_are_dropped_and_counted_exactly(tmp_path, flickr8k_dir, fli
     if truncated_last:
         assert list(result["keys"]) == [key.encode() for key, _, _ in good]
     assert counters.as_dict() == {
-        "records_read": 9, "empty_captions": 1, "not_images": 1, "decode_failures": 1, "examples_out": 6,
+        "records_read": 9, "empty_captions": 1, "not_images": 1, "too_large": 0, "decode_failures": 1,
+        "examples_out": 6,
     }
     assert np.isfinite(result["images"]).all()
 

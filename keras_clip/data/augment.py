@@ -169,6 +169,6 @@ def train_transform(image_bytes, seed, preprocessor, scale=DEFAULT_SCALE, ratio=
         tf.errors.InvalidArgumentError: at run time, when the bytes are not a
             decodable image.
     """
-    pixels = decode_image(image_bytes)  # (H, W, 3) uint8
+    pixels = decode_image(image_bytes, max_pixels=preprocessor.max_pixels)  # (H, W, 3) uint8
     crop = random_resized_crop(pixels, preprocessor.image_size, seed, scale=scale, ratio=ratio)
     return preprocessor(crop)  # (S, S, 3)

@@ -83,7 +83,9 @@ _FILE_SHUFFLE, _RECORD_SHUFFLE, _ELEMENT_SEEDS = 0, 1, 2
 # for a given seed does not depend on the machine's core count.
 _MAX_CYCLE_LENGTH = 16
 
-_COUNTER_NAMES = ("records_read", "empty_captions", "not_images", "decode_failures", "examples_out")
+_COUNTER_NAMES = (
+    "records_read", "empty_captions", "not_images", "too_large", "decode_failures", "examples_out"
+)
 
 
 def _encode_png(height, width):
@@ -120,6 +122,9 @@ class PipelineCounters:
       removing blank (empty or whitespace-only) ones.
     * `not_images`: records dropped because their bytes start with no JPEG,
       PNG, GIF, BMP or WebP signature.
+    * `too_large`: images dropped because their header declares more pixels
+      than `CLIPImagePreprocessor.max_pixels` (see
+      `CLIPImagePreprocessor.is_too_large`); nothing of them is decoded.
     * `decode_failures`: records with a valid signature whose decoding or
       augmentation failed (e.g. a truncated JPEG; such elements are dropped by
       `Dataset.ignore_errors()`). Exact: the records reaching the decoder are
@@ -131,7 +136,7 @@ class PipelineCounters:
     * `examples_out`: examples in the batches the pipeline produced.
 
     Once a dataset is drained, `records_read == empty_captions + not_images +
-    decode_failures + examples_out + dropped`, where `dropped` is the remainder
+    too_large + decode_failures + examples_out + dropped`, where `dropped` is the remainder
     that `drop_remainder=True` leaves out of the last training batch (fewer
     than one batch).
 
@@ -166,11 +171,12 @@ class PipelineCounters:
             self.records_read = counter("records_read")
             self.empty_captions = counter("empty_captions")
             self.not_images = counter("not_images")
+            self.too_large = counter("too_large")
             self.decode_failures = counter("decode_failures")
             self.examples_out = counter("examples_out")
 
     def as_dict(self):
-        """The five counts as a dict of Python ints, in a fixed order."""
+        """The six counts as a dict of Python ints, in a fixed order."""
         return {name: int(getattr(self, name).numpy()) for name in _COUNTER_NAMES}
 
     def reset(self):
@@ -393,13 +399,16 @@ def _build_pipeline(
         image_bytes, captions, key = extract(record)
         caption, has_caption = _choose_caption(tf.reshape(captions, [-1]), caption_seed, training)
         is_image = looks_like_image(image_bytes)
+        # Training crops before resizing, so only the declared size matters there.
+        too_large = has_caption & is_image & preprocessor.is_too_large(image_bytes, check_resize=not training)
         updates = [
             _add(counters, "records_read", 1),
             _add(counters, "empty_captions", tf.cast(~has_caption, tf.int64)),
             _add(counters, "not_images", tf.cast(has_caption & ~is_image, tf.int64)),
+            _add(counters, "too_large", tf.cast(too_large, tf.int64)),
         ]
         with tf.control_dependencies(updates):
-            keep = tf.identity(has_caption & is_image)
+            keep = tf.identity(has_caption & is_image & ~too_large)
         return {"image_bytes": image_bytes, "caption": caption, "key": key, "seed": crop_seed, "keep": keep}
 
     def to_decode(example):

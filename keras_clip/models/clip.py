@@ -13,6 +13,7 @@ from keras_clip.layers.logit_scale import LogitScale
 from keras_clip.models.modified_resnet import CLIPModifiedResNet
 from keras_clip.models.text_transformer import CLIPTextTransformer
 from keras_clip.models.vision_transformer import CLIPVisionTransformer
+from keras_clip.preprocessing.image_preprocessor import DEFAULT_MAX_PIXELS, validate_max_pixels
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.weights.h5"
@@ -50,6 +51,10 @@ class CLIP(keras.Model):
         initial_logit_scale: float. 1 / 0.07.
         max_logit_scale: float. 100.
         end_token_id: int. Where the text tower pools (49407).
+        max_image_pixels: int. Largest image (width x height, as its header
+            declares it) that `image_preprocessor()` decodes, and that exports
+            serve; larger ones are refused before decoding. 50 million by
+            default (`image_preprocessor.DEFAULT_MAX_PIXELS`).
 
     Call arguments:
         inputs: dict with `"images"` (float `(B, S, S, 3)`, preprocessed by
@@ -90,6 +95,7 @@ class CLIP(keras.Model):
         initial_logit_scale=1 / 0.07,
         max_logit_scale=100.0,
         end_token_id=49407,
+        max_image_pixels=DEFAULT_MAX_PIXELS,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -120,6 +126,9 @@ class CLIP(keras.Model):
         self.initial_logit_scale = initial_logit_scale
         self.max_logit_scale = max_logit_scale
         self.end_token_id = end_token_id
+        self.max_image_pixels = validate_max_pixels(
+            max_image_pixels, "max_image_pixels", image_size=image_size
+        )
 
         if vision_architecture == "vit":
             self.visual = CLIPVisionTransformer(
@@ -317,11 +326,15 @@ class CLIP(keras.Model):
             "tokenizer", lambda: CLIPTokenizer(context_length=self.context_length))
 
     def image_preprocessor(self):
-        """The `CLIPImagePreprocessor` at this model's resolution (one shared instance)."""
+        """The `CLIPImagePreprocessor` at this model's resolution and pixel limit (one shared instance)."""
         from keras_clip.preprocessing.image_preprocessor import CLIPImagePreprocessor
 
         return self._preprocessing_layer(
-            "image_preprocessor", lambda: CLIPImagePreprocessor(image_size=self.image_size))
+            "image_preprocessor",
+            lambda: CLIPImagePreprocessor(
+                image_size=self.image_size, max_pixels=self.max_image_pixels
+            ),
+        )
 
     # -- config and presets -------------------------------------------------------
     def get_config(self):
@@ -348,6 +361,7 @@ class CLIP(keras.Model):
                 "initial_logit_scale": self.initial_logit_scale,
                 "max_logit_scale": self.max_logit_scale,
                 "end_token_id": self.end_token_id,
+                "max_image_pixels": self.max_image_pixels,
             }
         )
         return config
@@ -398,6 +412,7 @@ class CLIP(keras.Model):
             "config": self.get_config(),
             "preprocessing": {
                 "image_size": self.image_size,
+                "max_image_pixels": self.max_image_pixels,
                 "context_length": self.context_length,
                 "vocabulary": f"assets/{VOCABULARY_FILE}",
             },

@@ -25,6 +25,17 @@ bit for bit rather than approximately:
   resized on premultiplied alpha. The mode is read from the file header (PNG
   colour type, GIF palette, BMP depth, WebP alpha flag) and the matching path is
   used.
+
+Hostile input. The image size is read from the header (PNG IHDR, libjpeg's
+header reader, GIF screen and first frame, BMP info header, first WebP chunk) and
+checked against `max_pixels` before any decoding op runs, also after the
+shortest-side resize (which would blow a 20000x1 image up to 20000 times 224
+pixels per row of output). The in-graph header walks are bounded by segments
+and blocks, not bytes: a JPEG's 0xFF fill is skipped a 64 KB window at a time
+and at most `MAX_JPEG_SEGMENTS` segments are walked; a GIF's full data
+sub-blocks are crossed 256 at a time and at most `MAX_GIF_STEPS` steps are
+taken. GIFs are cut after their first frame, so TensorFlow's decoder neither
+keeps every frame in memory nor sizes its canvas by the largest.
 """
 
 import keras
@@ -43,6 +54,22 @@ RESAMPLE_PREMULTIPLIED = 2  # "RGBA", "LA": bicubic on premultiplied alpha.
 
 # Format ids, in `tf.switch_case` branch order.
 _JPEG, _PNG, _GIF, _BMP, _WEBP = 0, 1, 2, 3, 4
+
+# Default `max_pixels`: a 48-megapixel phone photo (8064x6048) passes; decoding
+# plus PIL-exact resizing then peaks near 3 GB (measured in
+# benchmarks/hostile_images.py). PIL warns from 89.5 million pixels.
+DEFAULT_MAX_PIXELS = 50_000_000
+
+# Header walks are bounded: marker segments of a JPEG before its first scan, and
+# blocks / sub-blocks of a GIF up to the end of its first frame. Real files need
+# tens (JPEG: up to ~260 with an ICC profile in 255 chunks; GIF: a few per
+# extension block, plus one per 256 full 255-byte data sub-blocks, 64 KB).
+MAX_JPEG_SEGMENTS = 1024
+MAX_GIF_STEPS = 1024
+# Bytes searched at once for the end of a run of 0xFF fill bytes in a JPEG.
+_FILL_WINDOW = 65536
+# Full (255-byte) GIF data sub-blocks checked at once.
+_GIF_STRIDE = 256
 
 # PIL Resample.c: 32 bits - 8 bits of pixel - 2 bits of headroom.
 _PRECISION_BITS = 22
@@ -75,6 +102,16 @@ class _Bytes:
 
     def u16le(self, index):
         return self.at(index) + 256 * self.at(index + 1)
+
+    def u16be(self, index):
+        return 256 * self.at(index) + self.at(index + 1)
+
+    def u24le(self, index):
+        return self.u16le(index) + 65536 * self.at(index + 2)
+
+    def u32be(self, index):
+        value = 65536 * tf.cast(self.u16be(index), tf.int64)
+        return value + tf.cast(self.u16be(index + 2), tf.int64)
 
     def u32le(self, index):
         value = tf.cast(self.u16le(index), tf.int64)
@@ -137,56 +174,135 @@ def _with_alpha(rgb):
 # --------------------------------------------------------------------------
 
 
-def _jpeg_has_eoi_after_first_scan(data):
-    """Whether an EOI marker (FFD9) follows the first SOS of the main image.
+# JPEG markers: SOF0-3, 5-7, 9-11, 13-15 (C4 is DHT, C8 JPG, CC DAC).
+_JPEG_SOF_CODES = (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF)
+_WALKING, _FOUND, _CONFUSED = 0, 1, 2
 
-    Walks the marker segments from SOI to the first SOS, which skips an EXIF
-    thumbnail (a complete JPEG inside APP1); entropy-coded data never contains
-    FFD9. Bytes that do not parse as segments are left to the decoder (True).
+
+def _jpeg_walk(data):
+    """Walks the marker segments of a JPEG from SOI to its first SOS.
+
+    Segment lengths skip an EXIF thumbnail (a complete JPEG inside APP1), so the
+    first SOF seen is the main image's, the one libjpeg reads. A run of 0xFF fill
+    bytes is skipped in one step per `_FILL_WINDOW` bytes (a vectorised search
+    for the next non-0xFF byte), so the number of iterations is bounded by
+    marker segments, not bytes; at most `MAX_JPEG_SEGMENTS` segments are walked.
+
+    Returns:
+        dict of scalars: `state` (`_FOUND`: reached SOS; `_CONFUSED`: bytes that
+        do not parse as segments, left to libjpeg; `_WALKING`: data ended or
+        the segment limit was hit first), `sos` (position of the SOS marker),
+        `segments` (segments walked), `has_sof`, `height`, `width` (int64, from
+        the first SOF).
     """
-    walking, found_sos, confused = 0, 1, 2
 
-    def cond(pos, state):
-        return tf.equal(state, walking) & (pos + 3 < data.size)
+    def cond(pos, state, segments, sos, has_sof, height, width):
+        return tf.equal(state, _WALKING) & (pos + 3 < data.size) & (segments < MAX_JPEG_SEGMENTS)
 
-    def body(pos, state):
+    def body(pos, state, segments, sos, has_sof, height, width):
         b0, b1 = data.at(pos), data.at(pos + 1)
+
+        def skip_fill():
+            # pos and pos + 1 are 0xFF: move to the last 0xFF before the next
+            # other byte, searching one window at a time.
+            window = data.slice(pos + 1, _FILL_WINDOW)
+            other = tf.not_equal(window, 0xFF)
+            run = tf.where(
+                tf.reduce_any(other),
+                tf.argmax(tf.cast(other, tf.int32), output_type=tf.int32),
+                tf.size(window),
+            )
+            return pos + run, state, segments, sos, has_sof, height, width
+
+        def segment():
+            is_sos = tf.equal(b0, 0xFF) & tf.equal(b1, 0xDA)
+            standalone = tf.equal(b0, 0xFF) & (
+                tf.equal(b1, 0x01) | ((b1 >= 0xD0) & (b1 <= 0xD8))
+            )
+            is_sof = tf.equal(b0, 0xFF) & tf.reduce_any(tf.equal(b1, _JPEG_SOF_CODES)) & ~has_sof
+            length = data.u16be(pos + 2)
+            # FF00 is no marker: libjpeg skips it as garbage, which this walk
+            # leaves to libjpeg, like any byte that is not a marker.
+            bad = tf.not_equal(b0, 0xFF) | tf.equal(b1, 0) | (~standalone & ~is_sos & (length < 2))
+            next_pos = tf.where(standalone, pos + 2, pos + 2 + length)
+            new_state = tf.where(is_sos, _FOUND, tf.where(bad, _CONFUSED, _WALKING))
+            walking = tf.equal(new_state, _WALKING)
+            return (
+                tf.where(walking, next_pos, pos),
+                new_state,
+                segments + 1,
+                tf.where(is_sos, pos, sos),
+                has_sof | (is_sof & ~bad),
+                tf.where(is_sof, tf.cast(data.u16be(pos + 5), tf.int64), height),
+                tf.where(is_sof, tf.cast(data.u16be(pos + 7), tf.int64), width),
+            )
+
         is_fill = tf.equal(b0, 0xFF) & tf.equal(b1, 0xFF)
-        is_sos = tf.equal(b0, 0xFF) & tf.equal(b1, 0xDA)
-        standalone = tf.equal(b0, 0xFF) & (tf.equal(b1, 0x01) | ((b1 >= 0xD0) & (b1 <= 0xD8)))
-        length = 256 * data.at(pos + 2) + data.at(pos + 3)
-        bad = tf.not_equal(b0, 0xFF) | (~is_fill & ~standalone & ~is_sos & (length < 2))
-        next_pos = tf.where(is_fill, pos + 1, tf.where(standalone, pos + 2, pos + 2 + length))
-        state = tf.where(is_sos, found_sos, tf.where(bad, confused, walking))
-        return tf.where(tf.equal(state, walking), next_pos, pos), state
+        return tf.cond(is_fill, skip_fill, segment)
 
-    sos_pos, state = tf.while_loop(cond, body, (tf.constant(2), tf.constant(walking)))
-    return tf.equal(state, confused) | (
-        tf.equal(state, found_sos) & data.contains(b"\xff\xd9", start=sos_pos)
-    )
+    zero = tf.constant(0, tf.int64)
+    initial = (tf.constant(2), tf.constant(_WALKING), tf.constant(0), tf.constant(-1),
+               tf.constant(False), zero, zero)
+    _, state, segments, sos, has_sof, height, width = tf.while_loop(cond, body, initial)
+    return {"state": state, "segments": segments, "sos": sos, "has_sof": has_sof,
+            "height": height, "width": width}
 
 
-def _decode_jpeg(image_bytes, data, prefix):
+def _decode_jpeg(image_bytes, data, prefix, limits):
     # PIL, like TensorFlow, rejects a JPEG without its end-of-image marker ("image
-    # file is truncated"). A file ending in FFD9 is complete; only files with
-    # trailing bytes (or truncated ones) need the segment walk.
+    # file is truncated"). A file ending in FFD9 is complete; otherwise an EOI
+    # must follow the first SOS (entropy-coded data never contains FFD9). Bytes
+    # that do not parse as segments are left to the decoder.
     ends_with_eoi = tf.equal(data.at(data.size - 2), 0xFF) & tf.equal(data.at(data.size - 1), 0xD9)
-    complete = tf.cond(
-        ends_with_eoi, lambda: tf.constant(True), lambda: _jpeg_has_eoi_after_first_scan(data)
+
+    def walk():
+        result = _jpeg_walk(data)
+        state = result["state"]
+        too_many = tf.equal(state, _WALKING) & (result["segments"] >= MAX_JPEG_SEGMENTS)
+        complete = tf.cond(
+            tf.equal(state, _CONFUSED),
+            lambda: tf.constant(True),
+            lambda: tf.equal(state, _FOUND) & data.contains(b"\xff\xd9", start=result["sos"]),
+        )
+        return too_many, complete
+
+    too_many, complete = tf.cond(
+        ends_with_eoi, lambda: (tf.constant(False), tf.constant(True)), walk
     )
-    check = _check(complete, prefix, "truncated JPEG (no end-of-image marker after the image data)")
-    with tf.control_dependencies([check]):
+    checks = [
+        _check(
+            ~too_many,
+            prefix,
+            f"JPEG with more than {MAX_JPEG_SEGMENTS} marker segments before the image data",
+        ),
+    ]
+    with tf.control_dependencies(checks):
+        checks.append(
+            _check(complete, prefix, "truncated JPEG (no end-of-image marker after the image data)")
+        )
+    with tf.control_dependencies(checks):
+        # libjpeg's own header reader: the size the decoder will allocate, read
+        # without decoding (an invalid header fails here instead).
+        shape = tf.cast(tf.io.extract_jpeg_shape(image_bytes), tf.int64)  # (3,)
+    checks += limits.checks(prefix, shape[0], shape[1])
+    with tf.control_dependencies(checks):
         rgb = tf.io.decode_jpeg(image_bytes, channels=3, dct_method="INTEGER_ACCURATE")
     return _with_alpha(rgb), tf.constant(RESAMPLE_BICUBIC)
 
 
-def _decode_png(image_bytes, data, prefix):
+def _png_size(data):
+    """(height, width) from the IHDR chunk, int64."""
+    return data.u32be(20), data.u32be(16)
+
+
+def _decode_png(image_bytes, data, prefix, limits):
     has_header = data.matches(12, b"IHDR") & (data.size >= 33)
     complete = data.contains(b"IEND", start=33)
-    checks = [
-        _check(has_header, prefix, "PNG without an IHDR header"),
-        _check(complete, prefix, "truncated PNG (no IEND chunk)"),
-    ]
+    checks = [_check(has_header, prefix, "PNG without an IHDR header")]
+    with tf.control_dependencies(checks):
+        checks += limits.checks(prefix, *_png_size(data))
+    with tf.control_dependencies(checks):
+        checks.append(_check(complete, prefix, "truncated PNG (no IEND chunk)"))
     bit_depth, color_type = data.at(24), data.at(25)
     # PIL modes: colour type 3 -> "P", grey at 1 bit -> "1" (both NEAREST);
     # 4 -> "LA", 6 -> "RGBA" (premultiplied); 0 and 2 -> "L"/"RGB" (bicubic). A tRNS
@@ -208,35 +324,101 @@ def _gif_palette_is_identity(data, start, num_entries):
     return tf.reduce_all(tf.equal(entries, expected)) & tf.equal(tf.shape(entries)[0], num_entries)
 
 
-def _decode_gif(image_bytes, data, prefix):
+def _gif_walk(data):
+    """Walks a GIF's blocks from the header to the end of its first frame.
+
+    Extension blocks (0x21) before the first image descriptor (0x2C) are skipped
+    with their data sub-blocks, the first Graphic Control Extension is
+    remembered, and the first frame's data sub-blocks are skipped to its
+    terminator. A run of full (255-byte) sub-blocks, what encoders write, is
+    crossed `_GIF_STRIDE` blocks per iteration; every shorter sub-block, block
+    header and terminator takes one; at most `MAX_GIF_STEPS` iterations.
+
+    Returns:
+        dict of int32 scalars: `descriptor` (position of the first image
+        descriptor, -1 when none), `gce` (position of the first GCE's packed
+        byte before it, -1 when none), `end` (position after the first frame's
+        terminator, -1 when the data ended or did not parse first) and `steps`.
+    """
+    flags = data.at(10)
+    has_global = tf.not_equal(tf.bitwise.bitwise_and(flags, 0x80), 0)
+    global_entries = tf.bitwise.left_shift(1, tf.bitwise.bitwise_and(flags, 7) + 1)
+    first_block = 13 + tf.where(has_global, 3 * global_entries, 0)
+    in_blocks, in_sub_blocks, done, failed = 0, 1, 2, 3
+    strides = 256 * tf.range(_GIF_STRIDE)  # (S,)
+
+    def cond(pos, mode, descriptor, gce, steps):
+        return (mode < done) & (steps < MAX_GIF_STEPS)
+
+    def body(pos, mode, descriptor, gce, steps):
+        byte = data.at(pos)
+        # A block: an extension (label, then sub-blocks) or the first image
+        # descriptor (10 bytes, optional local colour table, LZW code size byte,
+        # then sub-blocks); anything else ends the walk.
+        is_extension = tf.equal(byte, 0x21)
+        is_descriptor = tf.equal(byte, 0x2C)
+        local_flags = data.at(pos + 9)
+        has_local = tf.not_equal(tf.bitwise.bitwise_and(local_flags, 0x80), 0)
+        local_size = 3 * tf.bitwise.left_shift(1, tf.bitwise.bitwise_and(local_flags, 7) + 1)
+        data_start = pos + 11 + tf.where(has_local, local_size, 0)
+        is_gce = is_extension & tf.equal(data.at(pos + 1), 0xF9) & (gce < 0)
+        block_pos = tf.where(is_extension, pos + 2, data_start)
+        block_mode = tf.where(is_extension | is_descriptor, in_sub_blocks, failed)
+
+        # Sub-blocks: a run of full ones at once, else one (or the terminator).
+        full = tf.equal(tf.gather(data._padded, tf.clip_by_value(pos + strides, 0, data.size)), 255)
+        run = tf.where(tf.reduce_all(full), _GIF_STRIDE, tf.argmin(tf.cast(full, tf.int32), output_type=tf.int32))
+        terminator = tf.equal(byte, 0)
+        sub_pos = tf.where(run > 0, pos + 256 * run, pos + byte + 1)
+        sub_mode = tf.where(
+            terminator, tf.where(descriptor >= 0, done, in_blocks), in_sub_blocks
+        )
+        sub_mode = tf.where(byte < 0, failed, sub_mode)  # past the end: truncated
+
+        blocks = tf.equal(mode, in_blocks)
+        return (
+            tf.where(blocks, block_pos, sub_pos),
+            tf.where(blocks, block_mode, sub_mode),
+            tf.where(blocks & is_descriptor, pos, descriptor),
+            tf.where(blocks & is_gce, pos + 3, gce),
+            steps + 1,
+        )
+
+    minus_one = tf.constant(-1)
+    initial = (first_block, tf.constant(in_blocks), minus_one, minus_one, tf.constant(0))
+    pos, mode, descriptor, gce, steps = tf.while_loop(cond, body, initial)
+    return {
+        "descriptor": descriptor,
+        "gce": gce,
+        "end": tf.where(tf.equal(mode, done), pos, -1),
+        "steps": tf.where(mode < done, steps, 0),  # > 0: stopped by the limit
+    }
+
+
+def _gif_size(data, walk):
+    """(height, width), int64: the logical screen, or the first frame if larger.
+
+    TensorFlow's decoder sizes its canvas by the frames, PIL by the screen.
+    """
+    descriptor = walk["descriptor"]
+    found = descriptor >= 0
+    frame_width = tf.where(found, data.u16le(descriptor + 5), 0)
+    frame_height = tf.where(found, data.u16le(descriptor + 7), 0)
+    height = tf.maximum(data.u16le(8), frame_height)
+    width = tf.maximum(data.u16le(6), frame_width)
+    return tf.cast(height, tf.int64), tf.cast(width, tf.int64)
+
+
+def _decode_gif(image_bytes, data, prefix, limits):
     # Header: 6-byte signature, logical screen (7 bytes), optional global table.
     flags = data.at(10)
     has_global = tf.not_equal(tf.bitwise.bitwise_and(flags, 0x80), 0)
     global_entries = tf.bitwise.left_shift(1, tf.bitwise.bitwise_and(flags, 7) + 1)
     global_identity = _gif_palette_is_identity(data, 13, global_entries)
-    first_block = 13 + tf.where(has_global, 3 * global_entries, 0)
 
-    # Walk the extension blocks before the first image descriptor, remembering the
-    # first Graphic Control Extension's packed byte (it holds the transparency flag).
-    def skip_sub_blocks(pos):
-        def cond(q):
-            return (q < data.size) & tf.not_equal(data.at(q), 0)
-
-        def body(q):
-            return (q + data.at(q) + 1,)
-
-        # Eager while_loop unpacks a single loop variable, graph mode does not.
-        return tf.nest.flatten(tf.while_loop(cond, body, (pos,)))[0] + 1
-
-    def cond(pos, gce):
-        return (pos + 1 < data.size) & tf.equal(data.at(pos), 0x21)
-
-    def body(pos, gce):
-        is_gce = tf.equal(data.at(pos + 1), 0xF9) & (gce < 0)
-        return skip_sub_blocks(pos + 2), tf.where(is_gce, pos + 3, gce)
-
-    descriptor, gce = tf.while_loop(cond, body, (first_block, tf.constant(-1)))
-    has_descriptor = tf.equal(data.at(descriptor), 0x2C)
+    walk = _gif_walk(data)
+    descriptor, gce = walk["descriptor"], walk["gce"]
+    has_descriptor = descriptor >= 0
     local_flags = data.at(descriptor + 9)
     has_local = has_descriptor & tf.not_equal(tf.bitwise.bitwise_and(local_flags, 0x80), 0)
     local_entries = tf.bitwise.left_shift(1, tf.bitwise.bitwise_and(local_flags, 7) + 1)
@@ -246,25 +428,52 @@ def _decode_gif(image_bytes, data, prefix):
     grey = tf.where(has_local, local_identity, ~has_global | global_identity)
     mode = tf.where(grey, RESAMPLE_BICUBIC, RESAMPLE_NEAREST)
 
+    # Only the first frame is used, but TensorFlow's decoder keeps every frame in
+    # memory (giflib's DGifSlurp) and sizes its canvas by the largest: cut the
+    # file after the first frame and end it with the trailer (0x3B).
+    end = walk["end"]
+    image_bytes = tf.cond(
+        end > 0,
+        lambda: tf.strings.join([tf.strings.substr(image_bytes, 0, end), b"\x3b"]),
+        lambda: image_bytes,
+    )
+
     # PIL's convert("RGB") shows a transparent index as its palette colour, while
     # TensorFlow leaves it black: clear the transparency flag before decoding.
     def clear_transparency():
         packed = data.at(gce)
         patched = tf.gather(_BYTE_STRINGS, tf.bitwise.bitwise_and(packed, 0xFE))
         head = tf.strings.substr(image_bytes, 0, gce)
-        tail = tf.strings.substr(image_bytes, gce + 1, data.size - gce - 1)
+        tail = tf.strings.substr(image_bytes, gce + 1, tf.strings.length(image_bytes) - gce - 1)
         return tf.strings.join([head, patched, tail])
 
     has_transparency = (gce >= 0) & tf.not_equal(tf.bitwise.bitwise_and(data.at(gce), 1), 0)
     image_bytes = tf.cond(has_transparency, clear_transparency, lambda: image_bytes)
-    check = _check(has_descriptor, prefix, "GIF without an image descriptor (truncated or empty)")
-    with tf.control_dependencies([check]):
+    checks = [
+        _check(
+            tf.equal(walk["steps"], 0),
+            prefix,
+            f"GIF with more than {MAX_GIF_STEPS} blocks and sub-blocks before the end of its first frame",
+        ),
+    ]
+    with tf.control_dependencies(checks):
+        checks.append(
+            _check(has_descriptor, prefix, "GIF without an image descriptor (truncated or empty)")
+        )
+    checks += limits.checks(prefix, *_gif_size(data, walk))
+    with tf.control_dependencies(checks):
         rgb = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
     rgb = tf.ensure_shape(rgb, [None, None, 3])
     return _with_alpha(rgb), mode
 
 
-def _decode_bmp(image_bytes, data, prefix):
+def _bmp_size(data):
+    """(height, width) from the BMP info header, int64 (height < 0: top-down)."""
+    return tf.abs(data.i32le(22)), tf.abs(data.i32le(18))
+
+
+def _decode_bmp(image_bytes, data, prefix, limits):
+    size_checks = limits.checks(prefix, *_bmp_size(data))
     data_offset = data.u32le(10)
     header_size = data.u32le(14)
     width = data.i32le(18)
@@ -292,14 +501,15 @@ def _decode_bmp(image_bytes, data, prefix):
     )
     row_size = (tf.cast(bits, tf.int64) * tf.abs(width) + 31) // 32 * 4
     complete = tf.cast(data.size, tf.int64) >= data_offset + row_size * tf.abs(height)
-    checks = [
-        _check(
-            supported,
-            prefix,
-            "unsupported BMP layout (only uncompressed 8-, 24- and 32-bit BMPs are supported)",
-        ),
-        _check(complete, prefix, "truncated BMP (less pixel data than the header declares)"),
-    ]
+    with tf.control_dependencies(size_checks):
+        checks = size_checks + [
+            _check(
+                supported,
+                prefix,
+                "unsupported BMP layout (only uncompressed 8-, 24- and 32-bit BMPs are supported)",
+            ),
+            _check(complete, prefix, "truncated BMP (less pixel data than the header declares)"),
+        ]
 
     # 8-bit: TensorFlow returns palette indices; look the colours up as PIL does.
     # PIL reads the image as "L" (bicubic) when entry i is (i, i, i) for all of
@@ -334,11 +544,43 @@ def _decode_bmp(image_bytes, data, prefix):
     return rgba, mode
 
 
-def _decode_webp(image_bytes, data, prefix):
+def _webp_size(data):
+    """(height, width), int64, from the first chunk: VP8X canvas, VP8L or VP8 frame.
+
+    0 x 0 for any other chunk (libwebp then rejects the file).
+    """
+    lossy = data.matches(12, b"VP8 ")
+    lossless = data.matches(12, b"VP8L")
+    extended = data.matches(12, b"VP8X")
+    bits = data.u32le(21)  # VP8L: 14 bits width - 1, 14 bits height - 1
+    width = tf.where(
+        extended,
+        tf.cast(data.u24le(24), tf.int64) + 1,
+        tf.where(
+            lossless,
+            tf.bitwise.bitwise_and(bits, 0x3FFF) + 1,
+            tf.where(lossy, tf.cast(tf.bitwise.bitwise_and(data.u16le(26), 0x3FFF), tf.int64), 0),
+        ),
+    )
+    height = tf.where(
+        extended,
+        tf.cast(data.u24le(27), tf.int64) + 1,
+        tf.where(
+            lossless,
+            tf.bitwise.bitwise_and(tf.bitwise.right_shift(bits, 14), 0x3FFF) + 1,
+            tf.where(lossy, tf.cast(tf.bitwise.bitwise_and(data.u16le(28), 0x3FFF), tf.int64), 0),
+        ),
+    )
+    return height, width
+
+
+def _decode_webp(image_bytes, data, prefix, limits):
     # libwebp reports whether the file has alpha (VP8X flag or VP8L header bit);
     # TensorFlow then returns 4 channels and PIL opens the file as "RGBA".
-    check = _check(data.size >= 30, prefix, "truncated WebP")
-    with tf.control_dependencies([check]):
+    checks = [_check(data.size >= 30, prefix, "truncated WebP")]
+    with tf.control_dependencies(checks):
+        checks += limits.checks(prefix, *_webp_size(data))
+    with tf.control_dependencies(checks):
         decoded = tf.io.decode_image(image_bytes, channels=0, expand_animations=False)
     has_alpha = tf.equal(tf.shape(decoded)[-1], 4)
     rgba = tf.cond(
@@ -355,8 +597,106 @@ def _bytes_prefix(index):
     return tf.strings.format("image bytes at batch index {}", [index])
 
 
-def _decode_rgba(image_bytes, index=None):
-    """Decodes one image to (H, W, 4) uint8 RGBA plus its PIL resample mode."""
+def validate_max_pixels(value, name="max_pixels", image_size=None):
+    """`value` as an int; a ValueError naming argument `name` unless it is a
+    positive integer (at least `image_size ** 2`: every output passes through a
+    resize to at least that many pixels)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise ValueError(f"`{name}` must be a positive integer. Received: {name}={value!r}")
+    if image_size is not None and value < image_size**2:
+        raise ValueError(
+            f"`{name}` must be at least image_size ** 2 = {image_size**2}. Received: {name}={value!r}"
+        )
+    return int(value)
+
+
+def _resized_size(height, width, image_size):
+    """`_shortest_side_size` in int64, for declared sizes (a zero side counts as 1)."""
+    short = tf.maximum(tf.minimum(height, width), 1)
+    long = tf.minimum(tf.maximum(height, width), 2**31)
+    new_long = tf.cast(
+        tf.cast(image_size * long, tf.float64) / tf.cast(short, tf.float64), tf.int64
+    )
+    portrait = width <= height
+    image_size = tf.constant(image_size, tf.int64)
+    return tf.where(portrait, new_long, image_size), tf.where(portrait, image_size, new_long)
+
+
+class _Limits:
+    """The size limits one decode enforces, before any decoding op runs.
+
+    Args:
+        max_pixels: int, most pixels (width x height) an image may declare.
+        image_size: optional int. When given, the image resized to this
+            shortest side (before the center crop) must also hold at most
+            `max_pixels` pixels, which bounds very thin images.
+    """
+
+    def __init__(self, max_pixels, image_size=None):
+        self.max_pixels = max_pixels
+        self.image_size = image_size
+
+    @staticmethod
+    def _pixels(height, width):
+        # Sides are clamped so that the product cannot overflow int64.
+        return tf.minimum(height, 2**31) * tf.minimum(width, 2**31)
+
+    def exceeded(self, height, width):
+        """Scalar bool: whether a declared (height, width), int64, is over a limit."""
+        over = self._pixels(height, width) > self.max_pixels
+        if self.image_size is not None:
+            new_height, new_width = _resized_size(height, width, self.image_size)
+            over |= new_height * new_width > self.max_pixels
+        return over
+
+    def checks(self, prefix, height, width):
+        """Assert ops with messages naming the declared size and the limit.
+
+        The messages are only built when a check fails (inside a `tf.cond`), so
+        the normal path pays for two comparisons, not for string formatting.
+        """
+        limit = f"more than the limit of {self.max_pixels} pixels (`max_pixels`)"
+
+        def check(ok, message, name):
+            def fail():
+                with tf.control_dependencies([tf.debugging.Assert(False, [message()], name=name)]):
+                    return tf.constant(False)
+
+            return tf.cond(ok, lambda: tf.constant(True), fail)
+
+        def size():
+            return [tf.strings.as_string(width), "x", tf.strings.as_string(height)]
+
+        pixels = self._pixels(height, width)
+        checks = [check(
+            pixels <= self.max_pixels,
+            lambda: tf.strings.join([prefix, " declare a ", *size(), " image (",
+                                     tf.strings.as_string(pixels), f" pixels), {limit}"]),
+            "check_image_pixels",
+        )]
+        if self.image_size is not None:
+            new_height, new_width = _resized_size(height, width, self.image_size)
+            with tf.control_dependencies(checks):
+                checks.append(check(
+                    new_height * new_width <= self.max_pixels,
+                    lambda: tf.strings.join(
+                        [prefix, " declare a ", *size(), " image, which resizing to a shortest "
+                         f"side of {self.image_size} makes ", tf.strings.as_string(new_width),
+                         "x", tf.strings.as_string(new_height), " (",
+                         tf.strings.as_string(new_height * new_width), f" pixels), {limit}"]
+                    ),
+                    "check_resized_pixels",
+                ))
+        return checks
+
+
+def _decode_rgba(image_bytes, index=None, limits=None):
+    """Decodes one image to (H, W, 4) uint8 RGBA plus its PIL resample mode.
+
+    The size the header declares is checked against `limits` (a `_Limits`;
+    default: `DEFAULT_MAX_PIXELS`) before any decoding op runs.
+    """
+    limits = limits or _Limits(DEFAULT_MAX_PIXELS)
     image_bytes = tf.convert_to_tensor(image_bytes, tf.string)
     prefix = _bytes_prefix(index)
     data = _Bytes(image_bytes)
@@ -368,17 +708,62 @@ def _decode_rgba(image_bytes, index=None):
     with tf.control_dependencies([check]):
         format_id = tf.identity(format_id)
     branches = [
-        lambda: _decode_jpeg(image_bytes, data, prefix),
-        lambda: _decode_png(image_bytes, data, prefix),
-        lambda: _decode_gif(image_bytes, data, prefix),
-        lambda: _decode_bmp(image_bytes, data, prefix),
-        lambda: _decode_webp(image_bytes, data, prefix),
+        lambda: _decode_jpeg(image_bytes, data, prefix, limits),
+        lambda: _decode_png(image_bytes, data, prefix, limits),
+        lambda: _decode_gif(image_bytes, data, prefix, limits),
+        lambda: _decode_bmp(image_bytes, data, prefix, limits),
+        lambda: _decode_webp(image_bytes, data, prefix, limits),
     ]
     rgba, mode = tf.switch_case(format_id, branches)
     return tf.ensure_shape(rgba, [None, None, 4]), mode
 
 
-def decode_image(image_bytes):
+def declared_size(image_bytes):
+    """The image size an encoded file's header declares, without decoding it.
+
+    Reads PNG IHDR, the first JPEG SOF (walking the marker segments), the GIF
+    logical screen and first image descriptor, the BMP info header and the first
+    WebP chunk. Never raises: bytes whose size cannot be read give `known=False`.
+
+    Args:
+        image_bytes: scalar `tf.string`.
+
+    Returns:
+        `(height, width, known)`: int64, int64 and bool scalars (0, 0 when not
+        known).
+    """
+    image_bytes = tf.convert_to_tensor(image_bytes, tf.string)
+    data = _Bytes(image_bytes)
+    format_id = _detect_format(image_bytes, data)
+    zero = tf.constant(0, tf.int64)
+
+    def jpeg():
+        walk = _jpeg_walk(data)
+        return walk["height"], walk["width"], walk["has_sof"]
+
+    def png():
+        return (*_png_size(data), data.matches(12, b"IHDR") & (data.size >= 24))
+
+    def gif():
+        return (*_gif_size(data, _gif_walk(data)), data.size >= 10)
+
+    def bmp():
+        return (*_bmp_size(data), data.size >= 26)
+
+    def webp():
+        height, width = _webp_size(data)
+        return height, width, width > 0
+
+    def unknown():
+        return zero, zero, tf.constant(False)
+
+    height, width, known = tf.switch_case(
+        tf.where(format_id >= 0, format_id, 5), [jpeg, png, gif, bmp, webp, unknown]
+    )
+    return tf.where(known, height, 0), tf.where(known, width, 0), known
+
+
+def decode_image(image_bytes, max_pixels=DEFAULT_MAX_PIXELS):
     """Decodes one encoded image to RGB pixels, in-graph, like PIL's `convert("RGB")`.
 
     JPEGs use libjpeg's ISLOW IDCT (as PIL does); PNG, GIF (first frame), BMP and
@@ -388,6 +773,8 @@ def decode_image(image_bytes):
 
     Args:
         image_bytes: scalar `tf.string`, the encoded file.
+        max_pixels: int, most pixels (width x height) the header may declare;
+            checked before anything is decoded.
 
     Returns:
         `uint8` tensor of shape `(height, width, 3)`.
@@ -395,9 +782,12 @@ def decode_image(image_bytes):
     Raises:
         tf.errors.InvalidArgumentError: when the bytes are not a decodable
             JPEG/PNG/GIF/BMP/WebP image; the message says
-            `image bytes are not a decodable ... image: <reason>`.
+            `image bytes are not a decodable ... image: <reason>`; or when the
+            header declares more than `max_pixels` pixels: `image bytes declare
+            a <W>x<H> image (<N> pixels), more than the limit of <max_pixels>
+            pixels (`max_pixels`)`.
     """
-    rgba, _ = _decode_rgba(image_bytes)
+    rgba, _ = _decode_rgba(image_bytes, limits=_Limits(validate_max_pixels(max_pixels)))
     return rgba[..., :3]
 
 
@@ -688,12 +1078,24 @@ class CLIPImagePreprocessor(keras.layers.Layer):
       bitfields) are accepted.
     * A PNG without its IEND chunk is rejected (PIL decodes it); truncated files
       are otherwise rejected by both, as PIL does without LOAD_TRUNCATED_IMAGES.
+    * Images whose header declares more than `max_pixels` pixels, or that the
+      resize to `image_size` would make larger than that, are rejected before
+      decoding (PIL only warns from 89.5 million pixels). JPEGs with more than
+      `MAX_JPEG_SEGMENTS` marker segments before the image data and GIFs with
+      more than `MAX_GIF_STEPS` blocks and short sub-blocks before the end of
+      the first frame are rejected too.
 
     Args:
         image_size: int, side of the square output (224 for ViT-B/32, 336 for
             ViT-L/14@336px).
         mean: 3 floats, per-channel mean subtracted after scaling to [0, 1].
         std: 3 positive floats, per-channel standard deviation divided by.
+        max_pixels: positive int, most pixels (width x height) an encoded image
+            may declare in its header, and may have once resized to
+            `image_size` on its shortest side (before the center crop). Checked
+            before anything is decoded, so a small file declaring a huge image
+            (a decompression bomb) costs no memory. Default 50 million (a
+            48-megapixel photo passes).
         **kwargs: standard `keras.layers.Layer` arguments (`name`, `dtype`).
 
     Call arguments:
@@ -709,7 +1111,10 @@ class CLIPImagePreprocessor(keras.layers.Layer):
     Raises:
         tf.errors.InvalidArgumentError: at run time, when some bytes are not an
             image; the message reads `image bytes at batch index <i> are not a
-            decodable JPEG/PNG/GIF/BMP/WebP image: <reason>`.
+            decodable JPEG/PNG/GIF/BMP/WebP image: <reason>`; or when an image
+            is too large: `image bytes at batch index <i> declare a <W>x<H>
+            image (<N> pixels), more than the limit of <max_pixels> pixels
+            (`max_pixels`)`.
 
     Example:
 
@@ -720,7 +1125,8 @@ class CLIPImagePreprocessor(keras.layers.Layer):
     TensorShape([2, 224, 224, 3])
     """
 
-    def __init__(self, image_size=224, mean=OPENAI_MEAN, std=OPENAI_STD, **kwargs):
+    def __init__(self, image_size=224, mean=OPENAI_MEAN, std=OPENAI_STD,
+                 max_pixels=DEFAULT_MAX_PIXELS, **kwargs):
         super().__init__(**kwargs)
         if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size <= 0:
             raise ValueError(
@@ -735,6 +1141,7 @@ class CLIPImagePreprocessor(keras.layers.Layer):
         self.image_size = image_size
         self.mean = mean
         self.std = std
+        self.max_pixels = validate_max_pixels(max_pixels, image_size=image_size)
         # ToTensor then Normalize, in float32 and in torchvision's order:
         # ((level / 255) - mean) / std, for every level and channel.
         levels = np.arange(256, dtype=np.float32)[:, None] / np.float32(255.0)
@@ -745,9 +1152,29 @@ class CLIPImagePreprocessor(keras.layers.Layer):
         self._graph_functions = _GraphFunctions(self._preprocess)
         self.built = True
 
+    def is_too_large(self, image_bytes, check_resize=True):
+        """Whether one encoded image's header declares a size over `max_pixels`.
+
+        Decodes nothing and never raises (bytes whose size cannot be read give
+        False; decoding them then enforces the limit). For input pipelines that
+        drop and count such images instead of failing.
+
+        Args:
+            image_bytes: scalar `tf.string`.
+            check_resize: bool, also check the size after the resize to
+                `image_size` (what calling the layer does; False for a pipeline
+                that crops before resizing).
+
+        Returns:
+            Scalar `tf.bool`.
+        """
+        height, width, _ = declared_size(image_bytes)
+        limits = _Limits(self.max_pixels, self.image_size if check_resize else None)
+        return limits.exceeded(height, width)
+
     def _preprocess_bytes(self, image_bytes, index=None):
         """One encoded image -> (image_size, image_size, 3) uint8."""
-        rgba, mode = _decode_rgba(image_bytes, index)
+        rgba, mode = _decode_rgba(image_bytes, index, _Limits(self.max_pixels, self.image_size))
         return _resize_and_center_crop_batch(rgba[None], self.image_size, mode)[0]
 
     def _normalize(self, pixels):
@@ -803,6 +1230,11 @@ class CLIPImagePreprocessor(keras.layers.Layer):
     def get_config(self):
         config = super().get_config()
         config.update(
-            {"image_size": self.image_size, "mean": list(self.mean), "std": list(self.std)}
+            {
+                "image_size": self.image_size,
+                "mean": list(self.mean),
+                "std": list(self.std),
+                "max_pixels": self.max_pixels,
+            }
         )
         return config
