@@ -281,30 +281,17 @@ def config_from_state_dict(sd, text_num_heads=None, vision_num_heads=None):
     return config
 
 
-class _Assigner:
-    """Assigns checkpoint tensors to variables, checking shapes and tracking use."""
+class LayoutVisitor:
+    """Visits every variable of a `CLIP` with its OpenAI state-dict key.
 
-    def __init__(self, sd):
-        self.sd = sd
-        self.used = set()
-
-    def __call__(self, variable, key, transform=None):
-        if key not in self.sd:
-            raise CheckpointError(f"Checkpoint is missing `{key}` (needed for {variable.path})")
-        value = self.sd[key]
-        if transform is not None:
-            value = transform(value)
-        value = np.asarray(value, dtype=np.float32).reshape(value.shape)
-        if tuple(variable.shape) != tuple(value.shape):
-            raise CheckpointError(
-                f"Shape mismatch for `{key}`: checkpoint {tuple(value.shape)}, "
-                f"model variable {variable.path} {tuple(variable.shape)}"
-            )
-        variable.assign(value)
-        self.used.add(key)
+    Subclasses define `__call__(variable, key, to_torch=None, to_keras=None)`, where
+    the two functions map a value between the PyTorch layout of `key` and the Keras
+    layout of `variable` (None: the same). `visit_layout` drives it, so the reader
+    (`_Assigner`) and the writer (`keras_clip.convert.writers`) share one mapping.
+    """
 
     def dense(self, layer, prefix):
-        self(layer.kernel, prefix + ".weight", np.transpose)
+        self(layer.kernel, prefix + ".weight", np.transpose, np.transpose)
         if layer.use_bias:
             self(layer.bias, prefix + ".bias")
 
@@ -313,7 +300,9 @@ class _Assigner:
         self(layer.beta, prefix + ".bias")
 
     def conv(self, layer, key):
-        self(layer.kernel, key, lambda w: np.transpose(w, (2, 3, 1, 0)))  # OIHW -> HWIO
+        self(layer.kernel, key,
+             lambda w: np.transpose(w, (3, 2, 0, 1)),  # HWIO -> OIHW
+             lambda w: np.transpose(w, (2, 3, 1, 0)))  # OIHW -> HWIO
 
     def batch_norm(self, layer, prefix):
         self(layer.gamma, prefix + ".weight")
@@ -323,12 +312,77 @@ class _Assigner:
 
     def block(self, block, prefix):
         self.layer_norm(block.ln_1, prefix + ".ln_1")
-        self(block.attn.qkv.kernel, prefix + ".attn.in_proj_weight", np.transpose)
+        self(block.attn.qkv.kernel, prefix + ".attn.in_proj_weight", np.transpose, np.transpose)
         self(block.attn.qkv.bias, prefix + ".attn.in_proj_bias")
         self.dense(block.attn.out_proj, prefix + ".attn.out_proj")
         self.layer_norm(block.ln_2, prefix + ".ln_2")
         self.dense(block.c_fc, prefix + ".mlp.c_fc")
         self.dense(block.c_proj, prefix + ".mlp.c_proj")
+
+
+def visit_layout(model, visitor, logit_scale=True):
+    """Calls `visitor` on every variable of `model` with its OpenAI state-dict key."""
+    text = model.text
+    visitor(text.token_embedding.embeddings, "token_embedding.weight")
+    visitor(text.positional_embedding, "positional_embedding")
+    for i, block in enumerate(text.resblocks):
+        visitor.block(block, f"transformer.resblocks.{i}")
+    visitor.layer_norm(text.ln_final, "ln_final")
+    visitor(text.text_projection, "text_projection")
+    if logit_scale:
+        reshape = lambda v: np.reshape(v, ())  # noqa: E731 - a 0-d tensor both ways
+        visitor(model.logit_scale.log_scale, "logit_scale", reshape, reshape)
+
+    visual = model.visual
+    if model.vision_architecture == "vit":
+        visitor.conv(visual.conv1, "visual.conv1.weight")
+        visitor(visual.class_embedding, "visual.class_embedding")
+        visitor(visual.positional_embedding, "visual.positional_embedding")
+        visitor.layer_norm(visual.ln_pre, "visual.ln_pre")
+        for i, block in enumerate(visual.resblocks):
+            visitor.block(block, f"visual.transformer.resblocks.{i}")
+        visitor.layer_norm(visual.ln_post, "visual.ln_post")
+        visitor(visual.proj, "visual.proj")
+        return
+    for i, (_, conv, bn) in enumerate(visual.stem, start=1):
+        visitor.conv(conv, f"visual.conv{i}.weight")
+        visitor.batch_norm(bn, f"visual.bn{i}")
+    for s, stage in enumerate(visual.stages, start=1):
+        for b, block in enumerate(stage):
+            prefix = f"visual.layer{s}.{b}"
+            for j in (1, 2, 3):
+                visitor.conv(getattr(block, f"conv{j}"), f"{prefix}.conv{j}.weight")
+                visitor.batch_norm(getattr(block, f"bn{j}"), f"{prefix}.bn{j}")
+            if block.has_downsample:
+                visitor.conv(block.downsample_conv, f"{prefix}.downsample.0.weight")
+                visitor.batch_norm(block.downsample_bn, f"{prefix}.downsample.1")
+    pool = visual.attnpool
+    visitor(pool.positional_embedding, "visual.attnpool.positional_embedding")
+    for name in ("q_proj", "k_proj", "v_proj", "c_proj"):
+        visitor.dense(getattr(pool, name), f"visual.attnpool.{name}")
+
+
+class _Assigner(LayoutVisitor):
+    """Assigns checkpoint tensors to variables, checking shapes and tracking use."""
+
+    def __init__(self, sd):
+        self.sd = sd
+        self.used = set()
+
+    def __call__(self, variable, key, to_torch=None, to_keras=None):
+        if key not in self.sd:
+            raise CheckpointError(f"Checkpoint is missing `{key}` (needed for {variable.path})")
+        value = self.sd[key]
+        if to_keras is not None:
+            value = to_keras(value)
+        value = np.asarray(value, dtype=np.float32).reshape(value.shape)
+        if tuple(variable.shape) != tuple(value.shape):
+            raise CheckpointError(
+                f"Shape mismatch for `{key}`: checkpoint {tuple(value.shape)}, "
+                f"model variable {variable.path} {tuple(variable.shape)}"
+            )
+        variable.assign(value)
+        self.used.add(key)
 
 
 def load_state_dict(model, sd):
@@ -339,44 +393,7 @@ def load_state_dict(model, sd):
             tensors this architecture does not use (e.g. a different model family).
     """
     a = _Assigner(sd)
-    text = model.text
-    a(text.token_embedding.embeddings, "token_embedding.weight")
-    a(text.positional_embedding, "positional_embedding")
-    for i, block in enumerate(text.resblocks):
-        a.block(block, f"transformer.resblocks.{i}")
-    a.layer_norm(text.ln_final, "ln_final")
-    a(text.text_projection, "text_projection")
-    if "logit_scale" in sd:
-        a(model.logit_scale.log_scale, "logit_scale", lambda v: np.asarray(v).reshape(()))
-
-    visual = model.visual
-    if model.vision_architecture == "vit":
-        a.conv(visual.conv1, "visual.conv1.weight")
-        a(visual.class_embedding, "visual.class_embedding")
-        a(visual.positional_embedding, "visual.positional_embedding")
-        a.layer_norm(visual.ln_pre, "visual.ln_pre")
-        for i, block in enumerate(visual.resblocks):
-            a.block(block, f"visual.transformer.resblocks.{i}")
-        a.layer_norm(visual.ln_post, "visual.ln_post")
-        a(visual.proj, "visual.proj")
-    else:
-        for i, (_, conv, bn) in enumerate(visual.stem, start=1):
-            a.conv(conv, f"visual.conv{i}.weight")
-            a.batch_norm(bn, f"visual.bn{i}")
-        for s, stage in enumerate(visual.stages, start=1):
-            for b, block in enumerate(stage):
-                prefix = f"visual.layer{s}.{b}"
-                for j in (1, 2, 3):
-                    a.conv(getattr(block, f"conv{j}"), f"{prefix}.conv{j}.weight")
-                    a.batch_norm(getattr(block, f"bn{j}"), f"{prefix}.bn{j}")
-                if block.has_downsample:
-                    a.conv(block.downsample_conv, f"{prefix}.downsample.0.weight")
-                    a.batch_norm(block.downsample_bn, f"{prefix}.downsample.1")
-        pool = visual.attnpool
-        a(pool.positional_embedding, "visual.attnpool.positional_embedding")
-        for name in ("q_proj", "k_proj", "v_proj", "c_proj"):
-            a.dense(getattr(pool, name), f"visual.attnpool.{name}")
-
+    visit_layout(model, a, logit_scale="logit_scale" in sd)
     unused = sorted(k for k in sd if k not in a.used and not _IGNORED.search(k))
     if unused:
         raise CheckpointError(

@@ -30,6 +30,8 @@ import os
 import numpy as np
 from absl import logging
 
+from keras_clip.convert import openai
+
 FORMATS = ("open_clip", "openai", "hf", "keras_hub")
 
 OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
@@ -53,46 +55,22 @@ _OPEN_CLIP_NAMES = {
 # -- OpenAI / open_clip state dict --------------------------------------------------
 
 
-class _Collector:
+class _Collector(openai.LayoutVisitor):
     """Reads variables into OpenAI-layout tensors: the inverse of `openai._Assigner`."""
 
     def __init__(self):
         self.sd = {}
 
-    def __call__(self, variable, key, transform=None):
+    def __call__(self, variable, key, to_torch=None, to_keras=None):
         value = np.asarray(variable.numpy(), dtype=np.float32)
-        value = transform(value) if transform is not None else value
+        value = to_torch(value) if to_torch is not None else value
         self.sd[key] = np.array(value, dtype=np.float32, order="C")  # keeps 0-d shapes
 
-    def dense(self, layer, prefix):
-        self(layer.kernel, prefix + ".weight", np.transpose)
-        if layer.use_bias:
-            self(layer.bias, prefix + ".bias")
-
-    def layer_norm(self, layer, prefix):
-        self(layer.gamma, prefix + ".weight")
-        self(layer.beta, prefix + ".bias")
-
-    def conv(self, layer, key):
-        self(layer.kernel, key, lambda w: np.transpose(w, (3, 2, 0, 1)))  # HWIO -> OIHW
-
     def batch_norm(self, layer, prefix):
-        self(layer.gamma, prefix + ".weight")
-        self(layer.beta, prefix + ".bias")
-        self(layer.moving_mean, prefix + ".running_mean")
-        self(layer.moving_variance, prefix + ".running_var")
+        super().batch_norm(layer, prefix)
         # PyTorch's BatchNorm2d keeps a step counter that strict loading expects. It
         # only matters when momentum=None (cumulative averages); CLIP uses 0.1.
         self.sd[prefix + ".num_batches_tracked"] = np.zeros((), np.int64)
-
-    def block(self, block, prefix):
-        self.layer_norm(block.ln_1, prefix + ".ln_1")
-        self(block.attn.qkv.kernel, prefix + ".attn.in_proj_weight", np.transpose)
-        self(block.attn.qkv.bias, prefix + ".attn.in_proj_bias")
-        self.dense(block.attn.out_proj, prefix + ".attn.out_proj")
-        self.layer_norm(block.ln_2, prefix + ".ln_2")
-        self.dense(block.c_fc, prefix + ".mlp.c_fc")
-        self.dense(block.c_proj, prefix + ".mlp.c_proj")
 
 
 def state_dict_from_model(model):
@@ -101,44 +79,9 @@ def state_dict_from_model(model):
     The same names and shapes as OpenAI's released checkpoints and open_clip's `CLIP`
     (`logit_scale` is a 0-d tensor; BatchNorm layers get `num_batches_tracked = 0`).
     """
-    c = _Collector()
-    text = model.text
-    c(text.token_embedding.embeddings, "token_embedding.weight")
-    c(text.positional_embedding, "positional_embedding")
-    for i, block in enumerate(text.resblocks):
-        c.block(block, f"transformer.resblocks.{i}")
-    c.layer_norm(text.ln_final, "ln_final")
-    c(text.text_projection, "text_projection")
-    c(model.logit_scale.log_scale, "logit_scale", lambda v: np.reshape(v, ()))
-
-    visual = model.visual
-    if model.vision_architecture == "vit":
-        c.conv(visual.conv1, "visual.conv1.weight")
-        c(visual.class_embedding, "visual.class_embedding")
-        c(visual.positional_embedding, "visual.positional_embedding")
-        c.layer_norm(visual.ln_pre, "visual.ln_pre")
-        for i, block in enumerate(visual.resblocks):
-            c.block(block, f"visual.transformer.resblocks.{i}")
-        c.layer_norm(visual.ln_post, "visual.ln_post")
-        c(visual.proj, "visual.proj")
-    else:
-        for i, (_, conv, bn) in enumerate(visual.stem, start=1):
-            c.conv(conv, f"visual.conv{i}.weight")
-            c.batch_norm(bn, f"visual.bn{i}")
-        for s, stage in enumerate(visual.stages, start=1):
-            for b, block in enumerate(stage):
-                prefix = f"visual.layer{s}.{b}"
-                for j in (1, 2, 3):
-                    c.conv(getattr(block, f"conv{j}"), f"{prefix}.conv{j}.weight")
-                    c.batch_norm(getattr(block, f"bn{j}"), f"{prefix}.bn{j}")
-                if block.has_downsample:
-                    c.conv(block.downsample_conv, f"{prefix}.downsample.0.weight")
-                    c.batch_norm(block.downsample_bn, f"{prefix}.downsample.1")
-        pool = visual.attnpool
-        c(pool.positional_embedding, "visual.attnpool.positional_embedding")
-        for name in ("q_proj", "k_proj", "v_proj", "c_proj"):
-            c.dense(getattr(pool, name), f"visual.attnpool.{name}")
-    return c.sd
+    collector = _Collector()
+    openai.visit_layout(model, collector)
+    return collector.sd
 
 
 def _check_representable(model, target, hf=False):
