@@ -44,6 +44,7 @@ _HELP = {
     "max_train_seconds": "Stop (with a checkpoint) after this many seconds; 0: never.",
     "time_collectives_steps": "After training, time the all-gather and gradient all-reduce alone "
                               "this many times each (summary.json 'collectives'); 0: off.",
+    "loss": "softmax (CLIP) | sigmoid (SigLIP: learned temperature and bias, init 10 and -10).",
 }
 for field in dataclasses.fields(TrainConfig):
     default = getattr(_DEFAULTS, field.name)

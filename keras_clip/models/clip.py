@@ -9,7 +9,7 @@ from absl import logging
 from keras import ops
 
 from keras_clip import distribute, losses
-from keras_clip.layers.logit_scale import LogitScale
+from keras_clip.layers.logit_scale import LogitBias, LogitScale
 from keras_clip.models.modified_resnet import CLIPModifiedResNet
 from keras_clip.models.text_transformer import CLIPTextTransformer
 from keras_clip.models.vision_transformer import CLIPVisionTransformer
@@ -47,9 +47,16 @@ class CLIP(keras.Model):
         activation: `"quick_gelu"` (OpenAI weights) or `"gelu"` (LAION weights).
         layer_norm_epsilon: float. 1e-5 as in PyTorch.
         batch_norm_epsilon: float. 1e-5 as in PyTorch (ResNet only).
-        initial_logit_scale: float. 1 / 0.07.
+        initial_logit_scale: float. Default 1 / 0.07 (softmax loss) or 10 (sigmoid
+            loss, as SigLIP).
         max_logit_scale: float. 100.
         end_token_id: int. Where the text tower pools (49407).
+        loss: `"softmax"` (CLIP's symmetric InfoNCE) or `"sigmoid"` (SigLIP's pairwise
+            binary loss, with a learned `logit_bias`). Recorded in the config, so
+            zero-shot classification of a sigmoid-trained model uses sigmoid
+            probabilities.
+        initial_logit_bias: float. Start of the sigmoid loss's bias (-10, as SigLIP);
+            unused with the softmax loss (no bias weight is created).
 
     Call arguments:
         inputs: dict with `"images"` (float `(B, S, S, 3)`, preprocessed by
@@ -58,7 +65,8 @@ class CLIP(keras.Model):
 
     Returns:
         dict: `image_embeddings` `(B, E)` and `text_embeddings` `(B', E)` (unit norm),
-        `logits_per_image` `(B, B')` and `logits_per_text` `(B', B)` (scaled cosines).
+        `logits_per_image` `(B, B')` and `logits_per_text` `(B', B)` (scaled cosines,
+        plus `logit_bias` for `loss="sigmoid"`).
 
     Example:
     >>> model = CLIP.from_preset("clip_vit_tiny")
@@ -87,12 +95,18 @@ class CLIP(keras.Model):
         activation="quick_gelu",
         layer_norm_epsilon=1e-5,
         batch_norm_epsilon=1e-5,
-        initial_logit_scale=1 / 0.07,
+        initial_logit_scale=None,
         max_logit_scale=100.0,
         end_token_id=49407,
+        loss="softmax",
+        initial_logit_bias=-10.0,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        if loss not in ("softmax", "sigmoid"):
+            raise ValueError(f"`loss` must be 'softmax' or 'sigmoid'. Received: loss={loss!r}")
+        if initial_logit_scale is None:
+            initial_logit_scale = 10.0 if loss == "sigmoid" else 1 / 0.07
         if vision_architecture not in ("vit", "resnet"):
             raise ValueError(
                 "`vision_architecture` must be 'vit' or 'resnet'. "
@@ -120,6 +134,8 @@ class CLIP(keras.Model):
         self.initial_logit_scale = initial_logit_scale
         self.max_logit_scale = max_logit_scale
         self.end_token_id = end_token_id
+        self.contrastive_loss = loss  # `self.loss` belongs to keras.Model.compile
+        self.initial_logit_bias = initial_logit_bias
 
         if vision_architecture == "vit":
             self.visual = CLIPVisionTransformer(
@@ -163,6 +179,10 @@ class CLIP(keras.Model):
         self.logit_scale = LogitScale(
             initial_logit_scale, max_logit_scale, name="logit_scale", dtype="float32"
         )
+        self.logit_bias = (
+            LogitBias(initial_logit_bias, name="logit_bias", dtype="float32")
+            if loss == "sigmoid" else None
+        )
         # Training state that is not configuration.
         self._jit_towers = False
         self._encode_pair_fn = None
@@ -180,6 +200,8 @@ class CLIP(keras.Model):
         self.visual.build((None, self.image_size, self.image_size, 3))
         self.text.build((None, self.context_length))
         self.logit_scale.build()
+        if self.logit_bias is not None:
+            self.logit_bias.build()
         self.built = True
 
     # -- encoders -----------------------------------------------------------------
@@ -198,6 +220,8 @@ class CLIP(keras.Model):
         text_embeddings = self.encode_text(inputs["token_ids"])
         scale = ops.cast(self.logit_scale(), image_embeddings.dtype)
         logits_per_image = scale * ops.matmul(image_embeddings, ops.transpose(text_embeddings))
+        if self.logit_bias is not None:  # sigmoid loss: sigmoid(logits) is P(match)
+            logits_per_image = logits_per_image + ops.cast(self.logit_bias(), logits_per_image.dtype)
         return {
             "image_embeddings": image_embeddings,
             "text_embeddings": text_embeddings,
@@ -250,16 +274,25 @@ class CLIP(keras.Model):
 
     def _contrastive_step(self, data, training):
         images, token_ids = data["images"], data["token_ids"]
-        replica_id, num_replicas = distribute.replica_info()
+        _, num_replicas = distribute.replica_info()
         image, text = self._encode_pair(images, token_ids, training)  # (b, E) each
+        return self._loss_from_embeddings(image, text), num_replicas
+
+    def _loss_from_embeddings(self, image, text):
+        """The loss of this replica's `(b, E)` embeddings against every replica's."""
+        replica_id, _ = distribute.replica_info()
         all_image = distribute.gather_with_gradient(image)  # (N, E)
         all_text = distribute.gather_with_gradient(text)  # (N, E)
         local_batch = tf.shape(image)[0]
         offset = tf.cast(replica_id, tf.int32) * local_batch
-        out = losses.clip_loss(image, text, all_image, all_text, self.logit_scale(), offset)
+        if self.contrastive_loss == "sigmoid":
+            out = losses.sigmoid_loss(image, text, all_image, all_text, self.logit_scale(),
+                                      self.logit_bias(), offset)
+        else:
+            out = losses.clip_loss(image, text, all_image, all_text, self.logit_scale(), offset)
         if self.logits_hook is not None:
             self.logits_hook(out["logits_per_image"])
-        return out, num_replicas
+        return out
 
     def _update_trackers(self, out):
         self._trackers["loss"].update_state(out["loss"])
@@ -348,6 +381,8 @@ class CLIP(keras.Model):
                 "initial_logit_scale": self.initial_logit_scale,
                 "max_logit_scale": self.max_logit_scale,
                 "end_token_id": self.end_token_id,
+                "loss": self.contrastive_loss,
+                "initial_logit_bias": self.initial_logit_bias,
             }
         )
         return config

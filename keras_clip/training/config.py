@@ -40,6 +40,7 @@ class TrainConfig:
         time_collectives_steps: after training, time the step's all-gather and
             gradient all-reduce on their own this many times each
             (`keras_clip.training.collectives`); 0 = off.
+        loss: `softmax` (CLIP) or `sigmoid` (SigLIP; recorded in the saved preset).
     """
 
     preset: str = "clip_vit_tiny"
@@ -65,6 +66,7 @@ class TrainConfig:
     shuffle_buffer: int = 2000
     max_train_seconds: float = 0.0
     time_collectives_steps: int = 0
+    loss: str = "softmax"
 
     def validate(self):
         if self.time_collectives_steps < 0:
@@ -83,4 +85,6 @@ class TrainConfig:
             )
         if str(self.jit_compile).lower() not in ("auto", "true", "false"):
             raise ValueError(f"`jit_compile` must be auto, true or false. Received: {self.jit_compile!r}")
+        if self.loss not in ("softmax", "sigmoid"):
+            raise ValueError(f"`loss` must be softmax or sigmoid. Received: loss={self.loss!r}")
         return self

@@ -161,7 +161,8 @@ def evaluate_demo_zero_shot(model, model_dir):
 
 def build_model_and_optimizer(config, total_steps):
     """The CLIP and its AdamW, created in the current strategy scope."""
-    model = CLIP.from_preset(config.preset, dtype=config.precision)
+    overrides = {"loss": "sigmoid"} if config.loss == "sigmoid" else {}
+    model = CLIP.from_preset(config.preset, dtype=config.precision, **overrides)
     schedule = WarmupCosineDecay(config.learning_rate, config.warmup_steps, total_steps)
     optimizer = create_optimizer(model, schedule, weight_decay=config.weight_decay,
                                  clipnorm=config.clipnorm, decay_embeddings=config.decay_embeddings)

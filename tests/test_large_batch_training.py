@@ -1,0 +1,124 @@
+"""Training beyond one batch in memory: sigmoid loss, locked towers, gradient caching,
+patch dropout and rematerialisation, each against a reference computation."""
+import json
+import pathlib
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_clip import CLIP, losses
+from keras_clip.zero_shot import ZeroShotClassifier
+from tests import harness
+
+SCRIPTS = pathlib.Path(__file__).parent / "scripts"
+TINY = harness.TINY_VIT_SMALL_VOCAB
+
+
+def _normalised(rng, n, d):
+    x = rng.normal(size=(n, d)).astype("float32")
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _batch(n, seed=0):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(1, 499, size=(n, 12))
+    for i in range(n):
+        tokens[i, 2 + i % 9] = 499
+        tokens[i, 3 + i % 9:] = 0
+    return {"images": rng.normal(size=(n, 32, 32, 3)).astype("float32"),
+            "token_ids": tokens.astype("int32")}
+
+
+def _step_equivalence(modes):
+    """Runs tests/scripts/step_equivalence.py (2 logical CPUs) on `modes`."""
+    result = subprocess.run([sys.executable, str(SCRIPTS / "step_equivalence.py"), json.dumps(modes)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _gradients(model, data, **compile_kwargs):
+    """`{variable path: gradient}` of one train_step (SGD, learning rate 1), and the loss."""
+    before = {v.path: np.asarray(v, np.float64) for v in model.trainable_variables}
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate=1.0), **compile_kwargs)
+    logs = model.train_step(data)
+    after = {v.path: np.asarray(v, np.float64) for v in model.trainable_variables}
+    return {k: before[k] - after[k] for k in before}, float(logs["loss"])
+
+
+# -- 1. sigmoid loss (SigLIP) --------------------------------------------------------
+
+
+def _numpy_sigmoid_loss(image, text, scale, bias):
+    logits = scale * image @ text.T + bias
+    signs = 2 * np.eye(len(image)) - 1
+    return np.mean(np.sum(np.logaddexp(0.0, -signs * logits), axis=1))  # -log sigmoid(z)
+
+
+def test_sigmoid_loss_matches_numpy_reference():
+    rng = np.random.default_rng(0)
+    image, text = _normalised(rng, 12, 16), _normalised(rng, 12, 16)
+    out = losses.sigmoid_loss(image, text, image, text, 10.0, -10.0)
+    np.testing.assert_allclose(float(out["loss"]), _numpy_sigmoid_loss(image, text, 10.0, -10.0),
+                               rtol=1e-5)
+    np.testing.assert_allclose(out["logits_per_image"], 10.0 * image @ text.T - 10.0, rtol=1e-5)
+    # A replica's rows against all columns, averaged over replicas: the global loss.
+    halves = [float(losses.sigmoid_loss(image[s:s + 6], text[s:s + 6], image, text, 3.0, -2.0,
+                                        label_offset=s)["loss"]) for s in (0, 6)]
+    np.testing.assert_allclose(np.mean(halves), _numpy_sigmoid_loss(image, text, 3.0, -2.0), rtol=1e-5)
+
+
+def test_sigmoid_model_starts_as_siglip_and_records_its_loss(tmp_path):
+    model = harness.tiny_clip(loss="sigmoid")
+    assert float(model.logit_scale()) == pytest.approx(10.0)
+    assert float(model.logit_bias()) == -10.0
+    assert harness.tiny_clip().logit_bias is None  # softmax: no bias weight
+    config = model.get_config()
+    assert config["loss"] == "sigmoid" and config["initial_logit_scale"] == 10.0
+    model.logit_bias.bias.assign(-3.5)
+    model.save_to_preset(str(tmp_path / "preset"))
+    restored = CLIP.from_preset(str(tmp_path / "preset"))
+    assert restored.contrastive_loss == "sigmoid"
+    assert float(restored.logit_bias()) == -3.5
+    with pytest.raises(ValueError, match="`loss` must be 'softmax' or 'sigmoid'. Received: loss='hinge'"):
+        CLIP(**harness.TINY_VIT, loss="hinge")
+
+
+def test_sigmoid_train_step_matches_numpy_loss():
+    model = harness.tiny_clip(loss="sigmoid", **TINY)
+    data = _batch(6)
+    image = np.asarray(model.encode_image(data["images"], training=True))
+    text = np.asarray(model.encode_text(data["token_ids"]))
+    expected = _numpy_sigmoid_loss(image, text, 10.0, -10.0)
+    _, loss = _gradients(model, data)
+    assert loss == pytest.approx(expected, rel=1e-5)
+
+
+def test_zero_shot_of_a_sigmoid_model_uses_sigmoid_probabilities():
+    model = harness.tiny_clip(loss="sigmoid")
+    model.logit_bias.bias.assign(-1.5)
+    rng = np.random.default_rng(0)
+    classes = _normalised(rng, 3, 32)
+    classifier = ZeroShotClassifier(model, ["a", "b", "c"], class_embeddings=classes)
+    images = rng.normal(size=(4, 32, 32, 3)).astype("float32")
+    image = np.asarray(model.encode_image(images))
+    expected = 1 / (1 + np.exp(-(10.0 * image @ classes.T - 1.5)))
+    np.testing.assert_allclose(np.asarray(classifier(images)), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_sigmoid_two_replicas_match_one_replica_holding_the_global_batch():
+    figures = _step_equivalence([
+        {"replicas": 1, "model": {"loss": "sigmoid"}},
+        {"replicas": 2, "model": {"loss": "sigmoid"}},
+    ])
+    one, two = figures["modes"]
+    assert one["loss"] == pytest.approx(two["loss"], rel=1e-5)
+    assert figures["max_grad"] > 1e-2
+    assert two["max_grad_diff"] <= 1e-5
+    # Each replica scores its 4 images against all 8 texts: no 8 x 8 matrix on one device.
+    assert one["logits_shapes"] == [[8, 8]]
+    assert two["logits_shapes"] == [[4, 8], [4, 8]]
