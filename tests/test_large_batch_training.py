@@ -122,3 +122,84 @@ def test_sigmoid_two_replicas_match_one_replica_holding_the_global_batch():
     # Each replica scores its 4 images against all 8 texts: no 8 x 8 matrix on one device.
     assert one["logits_shapes"] == [[8, 8]]
     assert two["logits_shapes"] == [[4, 8], [4, 8]]
+
+
+# -- 2. locked towers (LiT) ----------------------------------------------------------
+
+
+def _values(model, part):
+    return {v.path: np.asarray(v) for v in model.weights if f"/{part}/" in v.path}
+
+
+def test_locked_image_tower_stays_bit_identical_with_no_optimizer_state():
+    model = harness.tiny_clip(**TINY)
+    model.lock_towers(image=True)
+    visual_before, text_before = _values(model, "visual"), _values(model, "text")
+    model.compile(optimizer=keras.optimizers.AdamW(learning_rate=1e-2))
+    model.optimizer.build(model.trainable_variables)
+    for seed in (0, 1):
+        model.train_step(_batch(6, seed))
+    for path, value in _values(model, "visual").items():
+        np.testing.assert_array_equal(value, visual_before[path], err_msg=path)
+    assert min(np.max(np.abs(v - text_before[p])) for p, v in _values(model, "text").items()) > 0
+    trainable = model.trainable_variables
+    assert not [v for v in trainable if "/visual/" in v.path]
+    slots = [v for v in model.optimizer.variables if "momentum" in v.name or "velocity" in v.name]
+    assert len(slots) == 2 * len(trainable)  # Adam's m and v, for trainable weights only
+    assert not [v.name for v in slots if "visual" in v.name]
+
+
+def test_unlocked_last_block_gets_the_same_gradient_as_without_locking():
+    config = dict(TINY, vision_num_layers=2)
+    data = _batch(6)
+    reference, _ = _gradients(harness.tiny_clip(**config), data)
+    model = harness.tiny_clip(**config)
+    model.lock_towers(image=True, unlocked_image_blocks=1)
+    gradients, _ = _gradients(model, data)
+    visual = sorted(p.split("/", 1)[1] for p in gradients if "/visual/" in p)
+    assert visual == sorted(p.split("/", 1)[1] for p in reference
+                            if "/visual/resblocks_1/" in p or "/visual/ln_post/" in p
+                            or p.endswith("/visual/proj"))
+    by_name = {p.split("/", 1)[1]: g for p, g in reference.items()}
+    for path, gradient in gradients.items():
+        np.testing.assert_allclose(gradient, by_name[path.split("/", 1)[1]], atol=1e-6, err_msg=path)
+    with pytest.raises(ValueError, match=r"`unlocked_image_blocks` must be an int from 0 to the "
+                                         r"tower's 2 blocks. Received: unlocked_image_blocks=3"):
+        model.lock_towers(image=True, unlocked_image_blocks=3)
+
+
+def test_locked_tower_backward_pass_is_not_in_the_step_graph():
+    def gradient_ops(lock_image):
+        model = harness.tiny_clip(**TINY)
+        model.lock_towers(image=lock_image)
+        model.compile(optimizer=keras.optimizers.SGD(learning_rate=1.0))
+        model.optimizer.build(model.trainable_variables)
+        data = _batch(4)
+        spec = {k: tf.TensorSpec(v.shape, tf.as_dtype(v.dtype)) for k, v in data.items()}
+        graph = tf.function(model.train_step).get_concrete_function(spec).graph
+        names = [op.name for op in graph.get_operations()]
+        return (len([n for n in names if n.startswith("gradient_tape/") and "visual" in n]),
+                len([n for n in names if n.startswith("gradient_tape/") and "text" in n]))
+
+    unlocked, locked = gradient_ops(False), gradient_ops(True)
+    assert unlocked[0] > 50 and locked[0] == 0  # no image-tower gradient op at all
+    assert locked[1] == unlocked[1] > 50
+
+
+def test_locked_resnet_keeps_its_batch_norm_statistics():
+    config = dict(harness.TINY_VIT, vision_architecture="resnet", vision_num_layers=[1, 1, 1, 1],
+                  vision_hidden_dim=8, vision_patch_size=None)
+    stats = lambda m: {v.path.split("/", 1)[1]: np.asarray(v) for v in m.weights  # noqa: E731
+                       if "moving_" in v.path}
+    rng = np.random.default_rng(0)
+    data = {"images": rng.normal(size=(4, 32, 32, 3)).astype("float32"),
+            "token_ids": np.asarray(harness.tiny_clip().tokenizer()(["a", "b", "c", "d"]))}
+    moved = {}
+    for lock in (False, True):
+        model = harness.tiny_clip(**config)
+        before = stats(model)
+        model.lock_towers(image=lock)
+        model.compile(optimizer=keras.optimizers.SGD(learning_rate=0.1))
+        model.train_step(data)
+        moved[lock] = max(float(np.max(np.abs(v - before[p]))) for p, v in stats(model).items())
+    assert moved[False] > 1e-3 and moved[True] == 0.0

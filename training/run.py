@@ -45,6 +45,10 @@ _HELP = {
     "time_collectives_steps": "After training, time the all-gather and gradient all-reduce alone "
                               "this many times each (summary.json 'collectives'); 0: off.",
     "loss": "softmax (CLIP) | sigmoid (SigLIP: learned temperature and bias, init 10 and -10).",
+    "lock_image": "Freeze the image tower (LiT): no gradients, no optimizer state, frozen BN.",
+    "lock_text": "Freeze the text tower.",
+    "unlocked_image_blocks": "With --lock_image: leave the last N image blocks and the head trainable.",
+    "unlocked_text_blocks": "With --lock_text: leave the last N text blocks and the head trainable.",
 }
 for field in dataclasses.fields(TrainConfig):
     default = getattr(_DEFAULTS, field.name)

@@ -1,4 +1,5 @@
 """The CLIP model: an image tower and a text tower in one embedding space."""
+import contextlib
 import json
 import os
 import shutil
@@ -229,6 +230,58 @@ class CLIP(keras.Model):
             "logits_per_text": ops.transpose(logits_per_image),
         }
 
+    # -- locked towers (LiT) ------------------------------------------------------
+    def lock_towers(self, image=False, text=False, unlocked_image_blocks=0,
+                    unlocked_text_blocks=0):
+        """Freezes the image and/or text tower for training (LiT, Zhai et al., 2022).
+
+        A locked tower's weights become non-trainable: `trainable_variables` omits
+        them, so the optimizer creates no state for them and the gradient tape never
+        watches them, which skips the tower's backward pass entirely (the images enter
+        the step as constants). Locked sub-layers run in inference mode, so a ResNet's
+        batch-norm statistics stay frozen. Call before `compile` and before building
+        the optimizer. The lock is a training setting, not part of the model's config.
+
+        Args:
+            image, text: bool. Lock that tower.
+            unlocked_image_blocks, unlocked_text_blocks: int. Leave the last N residual
+                blocks of a locked tower trainable, together with its head (ViT:
+                `ln_post` and `proj`; text: `ln_final` and `text_projection`; ResNet:
+                the attention pool; the N blocks count bottlenecks across stages).
+                0 (default): the whole tower is locked.
+        """
+        for tower, lock, unlocked, arg in (
+            (self.visual, image, unlocked_image_blocks, "unlocked_image_blocks"),
+            (self.text, text, unlocked_text_blocks, "unlocked_text_blocks"),
+        ):
+            blocks, head_layers, head_weights = _tower_parts(tower)
+            if not isinstance(unlocked, int) or not 0 <= unlocked <= len(blocks):
+                raise ValueError(
+                    f"`{arg}` must be an int from 0 to the tower's {len(blocks)} blocks. "
+                    f"Received: {arg}={unlocked!r}"
+                )
+            if unlocked and not lock:
+                raise ValueError(f"`{arg}` needs its tower locked. Received: {arg}={unlocked}")
+            own = [w for w in tower.weights if w.path.rsplit("/", 1)[0] == tower.path]
+            _set_trainable(tower, True)
+            for variable in own:  # embeddings and projections: all trainable by design
+                variable.trainable = True
+            if not lock:
+                continue
+            if not unlocked:
+                _set_trainable(tower, False)
+                continue
+            keep_layers = set(map(id, blocks[len(blocks) - unlocked:] + head_layers))
+            keep_weights = set(map(id, head_weights))
+            for layer in tower._flatten_layers(include_self=False, recursive=False):
+                if id(layer) not in keep_layers:
+                    _set_trainable(layer, False)
+            for variable in own:
+                variable.trainable = id(variable) in keep_weights
+        logging.info("Locked towers: image=%s (last %d blocks trainable), text=%s (last %d); "
+                     "%d trainable variables", image, unlocked_image_blocks, text,
+                     unlocked_text_blocks, len(self.trainable_variables))
+
     # -- training -----------------------------------------------------------------
     def compile(self, optimizer="adamw", jit_compile=False, **kwargs):
         """Configures training. No Keras `loss`: the contrastive loss is built in.
@@ -294,6 +347,20 @@ class CLIP(keras.Model):
             self.logits_hook(out["logits_per_image"])
         return out
 
+    @contextlib.contextmanager
+    def _gradient_tape(self):
+        """A tape watching exactly `trainable_variables`.
+
+        The default tape watches every `tf.Variable` created trainable, which includes
+        weights that `lock_towers` froze (Keras' flag does not reach the underlying
+        `tf.Variable`); it would record a locked tower's forward pass and build its
+        backward pass. Watching only the trainable weights records nothing upstream
+        of the first unlocked layer.
+        """
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
+            tape.watch([v.value for v in self.trainable_variables])  # the tf.Variables
+            yield tape
+
     def _update_trackers(self, out):
         self._trackers["loss"].update_state(out["loss"])
         self._trackers["image_to_text_accuracy"].update_state(out["image_to_text_accuracy"])
@@ -320,7 +387,7 @@ class CLIP(keras.Model):
             dict of running means: loss, image_to_text_accuracy,
             text_to_image_accuracy, temperature (1 / logit_scale), learning_rate.
         """
-        with tf.GradientTape() as tape:
+        with self._gradient_tape() as tape:
             out, num_replicas = self._contrastive_step(data, training=True)
             loss = out["loss"] / num_replicas
             loss = self.optimizer.scale_loss(loss)
@@ -447,6 +514,23 @@ class CLIP(keras.Model):
             os.path.join(assets, VOCABULARY_FILE),
         )
         logging.info("Saved keras_clip preset to %s", preset_dir)
+
+
+def _tower_parts(tower):
+    """`(residual blocks in order, head layers, head weights)` of a tower."""
+    if isinstance(tower, CLIPVisionTransformer):
+        return list(tower.resblocks), [tower.ln_post], [tower.proj]
+    if isinstance(tower, CLIPModifiedResNet):
+        return [block for stage in tower.stages for block in stage], [tower.attnpool], []
+    return list(tower.resblocks), [tower.ln_final], [tower.text_projection]
+
+
+def _set_trainable(layer, value):
+    """Sets the flag of `layer` and of every sub-layer, including those kept in plain
+    lists of tuples (which Keras' own setter does not reach). Only weights created
+    trainable change; batch-norm statistics stay non-trainable."""
+    for sublayer in layer._flatten_layers(include_self=True, recursive=True):
+        sublayer.trainable = value
 
 
 def _l2_normalize(x):

@@ -41,6 +41,10 @@ class TrainConfig:
             gradient all-reduce on their own this many times each
             (`keras_clip.training.collectives`); 0 = off.
         loss: `softmax` (CLIP) or `sigmoid` (SigLIP; recorded in the saved preset).
+        lock_image, lock_text: freeze that tower (LiT): no gradients, no optimizer
+            state, frozen batch-norm statistics (`CLIP.lock_towers`).
+        unlocked_image_blocks, unlocked_text_blocks: leave the last N blocks (and the
+            head) of a locked tower trainable.
     """
 
     preset: str = "clip_vit_tiny"
@@ -67,6 +71,10 @@ class TrainConfig:
     max_train_seconds: float = 0.0
     time_collectives_steps: int = 0
     loss: str = "softmax"
+    lock_image: bool = False
+    lock_text: bool = False
+    unlocked_image_blocks: int = 0
+    unlocked_text_blocks: int = 0
 
     def validate(self):
         if self.time_collectives_steps < 0:
@@ -87,4 +95,9 @@ class TrainConfig:
             raise ValueError(f"`jit_compile` must be auto, true or false. Received: {self.jit_compile!r}")
         if self.loss not in ("softmax", "sigmoid"):
             raise ValueError(f"`loss` must be softmax or sigmoid. Received: loss={self.loss!r}")
+        for name, lock in (("unlocked_image_blocks", self.lock_image),
+                           ("unlocked_text_blocks", self.lock_text)):
+            if getattr(self, name) < 0 or (getattr(self, name) and not lock):
+                raise ValueError(f"`{name}` must be >= 0 and needs its tower locked. "
+                                 f"Received: {name}={getattr(self, name)}")
         return self

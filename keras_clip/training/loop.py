@@ -163,6 +163,9 @@ def build_model_and_optimizer(config, total_steps):
     """The CLIP and its AdamW, created in the current strategy scope."""
     overrides = {"loss": "sigmoid"} if config.loss == "sigmoid" else {}
     model = CLIP.from_preset(config.preset, dtype=config.precision, **overrides)
+    if config.lock_image or config.lock_text:  # before the optimizer sees the variables
+        model.lock_towers(config.lock_image, config.lock_text,
+                          config.unlocked_image_blocks, config.unlocked_text_blocks)
     schedule = WarmupCosineDecay(config.learning_rate, config.warmup_steps, total_steps)
     optimizer = create_optimizer(model, schedule, weight_decay=config.weight_decay,
                                  clipnorm=config.clipnorm, decay_embeddings=config.decay_embeddings)
