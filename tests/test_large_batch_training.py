@@ -33,20 +33,35 @@ def _batch(n, seed=0):
             "token_ids": tokens.astype("int32")}
 
 
-def _step_equivalence(modes):
-    """Runs tests/scripts/step_equivalence.py (2 logical CPUs) on `modes`."""
-    result = subprocess.run([sys.executable, str(SCRIPTS / "step_equivalence.py"), json.dumps(modes)],
-                            capture_output=True, text=True, timeout=600)
+# One subprocess (2 logical CPUs) for every 1-replica-vs-2-replicas comparison: TF's
+# start-up dominates, so the modes share it.
+_MODES = {
+    "softmax": {"replicas": 1},
+    "softmax_2_replicas_cached": {"replicas": 2, "compile": {"gradient_cache_chunks": 2}},
+    "sigmoid": {"replicas": 1, "model": {"loss": "sigmoid"}, "reference": 2},
+    "sigmoid_2_replicas": {"replicas": 2, "model": {"loss": "sigmoid"}, "reference": 2},
+}
+
+
+@pytest.fixture(scope="module")
+def equivalence():
+    """`{mode name: figures}` from tests/scripts/step_equivalence.py on `_MODES`."""
+    result = subprocess.run([sys.executable, str(SCRIPTS / "step_equivalence.py"),
+                             json.dumps(list(_MODES.values()))],
+                            capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return dict(zip(_MODES, json.loads(result.stdout.strip().splitlines()[-1])["modes"]))
 
 
 def _gradients(model, data, **compile_kwargs):
-    """`{variable path: gradient}` of one train_step (SGD, learning rate 1), and the loss."""
-    before = {v.path: np.asarray(v, np.float64) for v in model.trainable_variables}
+    """`{variable path: gradient}` of one train_step (SGD, learning rate 1), and the loss.
+
+    Paths omit the model's own name (`clip_3/`), so two models' gradients compare."""
+    path = lambda v: v.path.split("/", 1)[1]  # noqa: E731
+    before = {path(v): np.asarray(v, np.float64) for v in model.trainable_variables}
     model.compile(optimizer=keras.optimizers.SGD(learning_rate=1.0), **compile_kwargs)
     logs = model.train_step(data)
-    after = {v.path: np.asarray(v, np.float64) for v in model.trainable_variables}
+    after = {path(v): np.asarray(v, np.float64) for v in model.trainable_variables}
     return {k: before[k] - after[k] for k in before}, float(logs["loss"])
 
 
@@ -110,14 +125,10 @@ def test_zero_shot_of_a_sigmoid_model_uses_sigmoid_probabilities():
     np.testing.assert_allclose(np.asarray(classifier(images)), expected, rtol=1e-5, atol=1e-6)
 
 
-def test_sigmoid_two_replicas_match_one_replica_holding_the_global_batch():
-    figures = _step_equivalence([
-        {"replicas": 1, "model": {"loss": "sigmoid"}},
-        {"replicas": 2, "model": {"loss": "sigmoid"}},
-    ])
-    one, two = figures["modes"]
+def test_sigmoid_two_replicas_match_one_replica_holding_the_global_batch(equivalence):
+    one, two = equivalence["sigmoid"], equivalence["sigmoid_2_replicas"]
     assert one["loss"] == pytest.approx(two["loss"], rel=1e-5)
-    assert figures["max_grad"] > 1e-2
+    assert one["max_grad"] > 1e-2
     assert two["max_grad_diff"] <= 1e-5
     # Each replica scores its 4 images against all 8 texts: no 8 x 8 matrix on one device.
     assert one["logits_shapes"] == [[8, 8]]
@@ -156,13 +167,11 @@ def test_unlocked_last_block_gets_the_same_gradient_as_without_locking():
     model = harness.tiny_clip(**config)
     model.lock_towers(image=True, unlocked_image_blocks=1)
     gradients, _ = _gradients(model, data)
-    visual = sorted(p.split("/", 1)[1] for p in gradients if "/visual/" in p)
-    assert visual == sorted(p.split("/", 1)[1] for p in reference
-                            if "/visual/resblocks_1/" in p or "/visual/ln_post/" in p
-                            or p.endswith("/visual/proj"))
-    by_name = {p.split("/", 1)[1]: g for p, g in reference.items()}
+    visual = sorted(p for p in gradients if p.startswith("visual/"))
+    assert visual == sorted(p for p in reference if p.startswith(("visual/resblocks_1/", "visual/ln_post/"))
+                            or p == "visual/proj")
     for path, gradient in gradients.items():
-        np.testing.assert_allclose(gradient, by_name[path.split("/", 1)[1]], atol=1e-6, err_msg=path)
+        np.testing.assert_allclose(gradient, reference[path], atol=1e-6, err_msg=path)
     with pytest.raises(ValueError, match=r"`unlocked_image_blocks` must be an int from 0 to the "
                                          r"tower's 2 blocks. Received: unlocked_image_blocks=3"):
         model.lock_towers(image=True, unlocked_image_blocks=3)
@@ -203,3 +212,63 @@ def test_locked_resnet_keeps_its_batch_norm_statistics():
         model.train_step(data)
         moved[lock] = max(float(np.max(np.abs(v - before[p]))) for p, v in stats(model).items())
     assert moved[False] > 1e-3 and moved[True] == 0.0
+
+
+# -- 3. gradient caching ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("loss", ["softmax", "sigmoid"])
+def test_gradient_cache_matches_the_plain_step(loss):
+    config = dict(TINY, loss=loss)
+    data = _batch(8)
+    reference, reference_loss = _gradients(harness.tiny_clip(**config), data)
+    seen = []
+    model = harness.tiny_clip(**config)
+    model.logits_hook = lambda logits: seen.append(tuple(logits.shape))
+    gradients, loss_value = _gradients(model, data, gradient_cache_chunks=4)
+    assert loss_value == pytest.approx(reference_loss, rel=1e-6)
+    assert seen == [(8, 8)]  # one loss over the whole batch, not one per chunk
+    assert max(float(np.max(np.abs(g))) for g in reference.values()) > 1e-2
+    for path, gradient in gradients.items():
+        np.testing.assert_allclose(gradient, reference[path], atol=1e-5, rtol=0, err_msg=path)
+
+
+def test_gradient_cache_with_mixed_float16_and_loss_scaling():
+    data = _batch(8)
+    results = []
+    for chunks in (1, 2):
+        model = harness.tiny_clip(**TINY, dtype="mixed_float16")
+        before = {v.path.split("/", 1)[1]: np.asarray(v, np.float64) for v in model.trainable_variables}
+        # 2**15 (the default) overflows float16 on this batch and skips the step.
+        optimizer = keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(learning_rate=1.0),
+                                                        initial_scale=256.0)
+        model.compile(optimizer=optimizer, gradient_cache_chunks=chunks)
+        logs = model.train_step(data)
+        results.append((float(logs["loss"]), {p: before[p] - np.asarray(v, np.float64)
+                                               for p, v in zip(before, model.trainable_variables)}))
+    (plain_loss, plain), (cached_loss, cached) = results
+    assert cached_loss == pytest.approx(plain_loss, rel=1e-3)
+    largest = max(float(np.max(np.abs(g))) for g in plain.values())
+    assert largest > 1e-2  # loss scaling was undone: a real update, not one scaled by 2**15
+    for path, gradient in cached.items():
+        np.testing.assert_allclose(gradient, plain[path], atol=1e-2 * largest, err_msg=path)
+
+
+def test_gradient_cache_rejects_a_batch_it_cannot_split():
+    model = harness.tiny_clip(**TINY)
+    with pytest.raises(ValueError, match=r"`gradient_cache_chunks` must be an int >= 1. "
+                                         r"Received: gradient_cache_chunks=0"):
+        model.compile(optimizer="sgd", gradient_cache_chunks=0)
+    model.compile(optimizer="sgd", gradient_cache_chunks=3)
+    with pytest.raises(ValueError, match=r"multiple of `gradient_cache_chunks`. Received: "
+                                         r"batch=8, gradient_cache_chunks=3"):
+        model.train_step(_batch(8))
+
+
+def test_gradient_cache_on_two_replicas_matches_one_replica_plain_step(equivalence):
+    plain, cached = equivalence["softmax"], equivalence["softmax_2_replicas_cached"]
+    assert cached["loss"] == pytest.approx(plain["loss"], rel=1e-5)
+    assert plain["max_grad"] > 1e-2
+    assert cached["max_grad_diff"] <= 1e-5
+    # The loss sees each replica's whole local batch against the global batch, once.
+    assert cached["logits_shapes"] == [[4, 8], [4, 8]]

@@ -49,6 +49,8 @@ _HELP = {
     "lock_text": "Freeze the text tower.",
     "unlocked_image_blocks": "With --lock_image: leave the last N image blocks and the head trainable.",
     "unlocked_text_blocks": "With --lock_text: leave the last N text blocks and the head trainable.",
+    "gradient_cache_chunks": "Gradient caching: compute each replica's batch in K chunks (activation "
+                             "memory of one chunk, same update as K=1, ~2 forward passes).",
 }
 for field in dataclasses.fields(TrainConfig):
     default = getattr(_DEFAULTS, field.name)

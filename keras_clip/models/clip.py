@@ -186,6 +186,7 @@ class CLIP(keras.Model):
         )
         # Training state that is not configuration.
         self._jit_towers = False
+        self._gradient_cache_chunks = 1
         self._encode_pair_fn = None
         self.logits_hook = None  # called with (logits_per_image,) at trace time; for tests
         self._trackers = {
@@ -283,7 +284,7 @@ class CLIP(keras.Model):
                      unlocked_text_blocks, len(self.trainable_variables))
 
     # -- training -----------------------------------------------------------------
-    def compile(self, optimizer="adamw", jit_compile=False, **kwargs):
+    def compile(self, optimizer="adamw", jit_compile=False, gradient_cache_chunks=1, **kwargs):
         """Configures training. No Keras `loss`: the contrastive loss is built in.
 
         Args:
@@ -293,15 +294,30 @@ class CLIP(keras.Model):
                 The cross-replica all-gather stays outside the compiled function (XLA
                 on CPU cannot compile collectives), so this works under every
                 `tf.distribute` strategy; Keras' whole-step compilation is disabled.
+            gradient_cache_chunks: int. 1: the plain step. K > 1: gradient caching
+                (Gao et al., 2021, "Scaling Deep Contrastive Learning Batch Size under
+                Memory Limited Setup"): each replica's batch is embedded in K chunks
+                without keeping activations, the loss and its gradients with respect
+                to the embeddings are computed over the whole global batch, then
+                each chunk's towers are run again and back-propagated with those
+                embedding gradients. The update equals the plain step's; activation
+                memory is that of one chunk; the towers' forward pass runs twice.
+                The local batch must be a multiple of K.
             **kwargs: passed to `keras.Model.compile` (e.g. `steps_per_execution`).
         """
         if "loss" in kwargs:
             raise ValueError("CLIP computes its contrastive loss itself; do not pass `loss`.")
+        if not isinstance(gradient_cache_chunks, int) or gradient_cache_chunks < 1:
+            raise ValueError(
+                "`gradient_cache_chunks` must be an int >= 1. "
+                f"Received: gradient_cache_chunks={gradient_cache_chunks!r}"
+            )
         super().compile(optimizer=optimizer, jit_compile=False, **kwargs)
         if jit_compile == "auto":  # Keras' default spelling: XLA where a GPU is present
             jit_compile = bool(tf.config.list_physical_devices("GPU"))
         self._jit_towers = bool(jit_compile)
         self._encode_pair_fn = None
+        self._gradient_cache_chunks = gradient_cache_chunks
 
     @property
     def metrics(self):
@@ -387,12 +403,53 @@ class CLIP(keras.Model):
             dict of running means: loss, image_to_text_accuracy,
             text_to_image_accuracy, temperature (1 / logit_scale), learning_rate.
         """
+        if self._gradient_cache_chunks > 1:
+            return self._gradient_cache_step(data, self._gradient_cache_chunks)
         with self._gradient_tape() as tape:
             out, num_replicas = self._contrastive_step(data, training=True)
             loss = out["loss"] / num_replicas
             loss = self.optimizer.scale_loss(loss)
         gradients = tape.gradient(loss, self.trainable_variables)
         self.optimizer.apply(gradients, self.trainable_variables)
+        return self._update_trackers(out)
+
+    def _gradient_cache_step(self, data, chunks):
+        """`train_step` in `chunks` pieces with the same update (see `compile`)."""
+        images, token_ids = data["images"], data["token_ids"]
+        local_batch = images.shape[0]
+        if local_batch is None or local_batch % chunks:
+            raise ValueError(
+                "Gradient caching needs a static per-replica batch that is a multiple of "
+                f"`gradient_cache_chunks`. Received: batch={local_batch}, "
+                f"gradient_cache_chunks={chunks}"
+            )
+        size = local_batch // chunks
+        pieces = [(images[i * size:(i + 1) * size], token_ids[i * size:(i + 1) * size])
+                  for i in range(chunks)]
+        _, num_replicas = distribute.replica_info()
+        # 1. Embed every chunk with no tape: no activation outlives its chunk.
+        embedded = [self._encode_pair(i, t, training=True) for i, t in pieces]
+        image = tf.stop_gradient(tf.concat([e[0] for e in embedded], axis=0))  # (b, E)
+        text = tf.stop_gradient(tf.concat([e[1] for e in embedded], axis=0))  # (b, E)
+        # 2. The loss over the global batch (negatives from every replica): gradients
+        # with respect to this replica's embeddings and to the loss's own weights.
+        head = [v for v in self.trainable_variables if _is_loss_weight(v)]
+        towers = [v for v in self.trainable_variables if not _is_loss_weight(v)]
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
+            tape.watch([image, text] + [v.value for v in head])
+            out = self._loss_from_embeddings(image, text)
+            loss = self.optimizer.scale_loss(out["loss"] / num_replicas)
+        d_image, d_text, *head_gradients = tape.gradient(loss, [image, text] + head)
+        # 3. Each chunk again, back-propagating the cached embedding gradients.
+        tower_gradients = [None] * len(towers)
+        for i, (chunk_images, chunk_tokens) in enumerate(pieces):
+            with self._gradient_tape() as tape:
+                chunk_image, chunk_text = self._encode_pair(chunk_images, chunk_tokens, training=True)
+            rows = slice(i * size, (i + 1) * size)
+            gradients = tape.gradient([chunk_image, chunk_text], towers,
+                                      output_gradients=[d_image[rows], d_text[rows]])
+            tower_gradients = [_add_gradients(a, b) for a, b in zip(tower_gradients, gradients)]
+        self.optimizer.apply(tower_gradients + head_gradients, towers + head)
         return self._update_trackers(out)
 
     def test_step(self, data):
@@ -514,6 +571,22 @@ class CLIP(keras.Model):
             os.path.join(assets, VOCABULARY_FILE),
         )
         logging.info("Saved keras_clip preset to %s", preset_dir)
+
+
+def _is_loss_weight(variable):
+    """The loss's own weights (`logit_scale`, `logit_bias`), not the towers'."""
+    return "/logit_scale/" in variable.path or "/logit_bias/" in variable.path
+
+
+def _add_gradients(total, gradient):
+    """Sums chunk gradients; embedding gradients stay sparse (`IndexedSlices`)."""
+    if total is None or gradient is None:
+        return gradient if total is None else total
+    if isinstance(total, tf.IndexedSlices) and isinstance(gradient, tf.IndexedSlices):
+        return tf.IndexedSlices(tf.concat([total.values, gradient.values], axis=0),
+                                tf.concat([total.indices, gradient.indices], axis=0),
+                                total.dense_shape)
+    return tf.convert_to_tensor(total) + tf.convert_to_tensor(gradient)
 
 
 def _tower_parts(tower):

@@ -45,6 +45,9 @@ class TrainConfig:
             state, frozen batch-norm statistics (`CLIP.lock_towers`).
         unlocked_image_blocks, unlocked_text_blocks: leave the last N blocks (and the
             head) of a locked tower trainable.
+        gradient_cache_chunks: 1, or K > 1 for gradient caching: each replica's
+            batch is embedded and back-propagated in K chunks with the same update
+            as the plain step (activation memory of one chunk, two forward passes).
     """
 
     preset: str = "clip_vit_tiny"
@@ -75,6 +78,7 @@ class TrainConfig:
     lock_text: bool = False
     unlocked_image_blocks: int = 0
     unlocked_text_blocks: int = 0
+    gradient_cache_chunks: int = 1
 
     def validate(self):
         if self.time_collectives_steps < 0:
@@ -95,6 +99,12 @@ class TrainConfig:
             raise ValueError(f"`jit_compile` must be auto, true or false. Received: {self.jit_compile!r}")
         if self.loss not in ("softmax", "sigmoid"):
             raise ValueError(f"`loss` must be softmax or sigmoid. Received: loss={self.loss!r}")
+        if self.gradient_cache_chunks < 1 or self.global_batch_size % self.gradient_cache_chunks:
+            raise ValueError(
+                "`gradient_cache_chunks` must be >= 1 and divide `global_batch_size`. "
+                f"Received: gradient_cache_chunks={self.gradient_cache_chunks}, "
+                f"global_batch_size={self.global_batch_size}"
+            )
         for name, lock in (("unlocked_image_blocks", self.lock_image),
                            ("unlocked_text_blocks", self.lock_text)):
             if getattr(self, name) < 0 or (getattr(self, name) and not lock):

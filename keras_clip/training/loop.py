@@ -171,7 +171,8 @@ def build_model_and_optimizer(config, total_steps):
                                  clipnorm=config.clipnorm, decay_embeddings=config.decay_embeddings)
     if config.precision == "mixed_float16":
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-    model.compile(optimizer=optimizer, jit_compile=_jit_enabled(config.jit_compile))
+    model.compile(optimizer=optimizer, jit_compile=_jit_enabled(config.jit_compile),
+                  gradient_cache_chunks=config.gradient_cache_chunks)
     optimizer.build(model.trainable_variables)
     return model, optimizer
 
