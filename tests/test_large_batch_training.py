@@ -272,3 +272,48 @@ def test_gradient_cache_on_two_replicas_matches_one_replica_plain_step(equivalen
     assert cached["max_grad_diff"] <= 1e-5
     # The loss sees each replica's whole local batch against the global batch, once.
     assert cached["logits_shapes"] == [[4, 8], [4, 8]]
+
+
+# -- 4. patch dropout (FLIP) -----------------------------------------------------------
+
+
+def test_patch_dropout_leaves_inference_unchanged_and_round_trips():
+    images = np.random.default_rng(0).normal(size=(3, 32, 32, 3)).astype("float32")
+    plain, dropping = harness.tiny_clip(), harness.tiny_clip(vision_patch_dropout=0.5)
+    np.testing.assert_array_equal(np.asarray(dropping.encode_image(images, training=False)),
+                                  np.asarray(plain.encode_image(images, training=False)))
+    np.testing.assert_array_equal(np.asarray(plain.encode_image(images, training=True)),
+                                  np.asarray(plain.encode_image(images, training=False)))
+    restored = CLIP.from_config(dropping.get_config())
+    assert restored.vision_patch_dropout == 0.5 and restored.visual.num_kept_patches == 8
+    with pytest.raises(ValueError, match=r"`patch_dropout` must be in \[0, 1\). Received: patch_dropout=1.0"):
+        harness.tiny_clip(vision_patch_dropout=1.0)
+
+
+def test_patch_dropout_keeps_a_random_subset_as_the_reference():
+    tower = harness.tiny_clip(vision_patch_dropout=0.5).visual  # 4 x 4 = 16 patches
+    images = np.random.default_rng(1).normal(size=(3, 32, 32, 3)).astype("float32")
+    seed = tf.constant([7, 11], tf.int32)
+    keep = np.asarray(tower.patch_keep_indices(3, seed))
+    scores = np.asarray(tf.random.stateless_uniform((3, 16), seed, alg="philox"))
+    np.testing.assert_array_equal(keep, np.sort(np.argsort(-scores, axis=1)[:, :8], axis=1))
+    assert len({tuple(row) for row in keep}) == 3  # each image drops different patches
+    # Reference: the tower's own layers on the class token + the 8 kept patch tokens.
+    def reference(keep):
+        x = np.asarray(tower.conv1(images)).reshape(3, 16, 32)
+        x = np.concatenate([np.broadcast_to(np.asarray(tower.class_embedding), (3, 1, 32)), x], axis=1)
+        x = x + np.asarray(tower.positional_embedding)
+        x = np.concatenate([x[:, :1], np.take_along_axis(x[:, 1:], keep[:, :, None], axis=1)], axis=1)
+        assert x.shape == (3, 9, 32)
+        x = tower.ln_pre(x)
+        for block in tower.resblocks:
+            x = block(x)
+        return np.asarray(tower.ln_post(x[:, 0])) @ np.asarray(tower.proj)
+
+    np.testing.assert_allclose(np.asarray(tower(images, training=True, seed=seed)), reference(keep),
+                               rtol=1e-5, atol=1e-6)
+    # Static shapes: it compiles with XLA (whose Philox draws another subset from the seed).
+    compiled_keep = tf.function(lambda: tower.patch_keep_indices(3, seed), jit_compile=True)()
+    compiled = tf.function(lambda i: tower(i, training=True, seed=seed), jit_compile=True)
+    np.testing.assert_allclose(np.asarray(compiled(images)), reference(np.asarray(compiled_keep)),
+                               rtol=1e-4, atol=1e-5)

@@ -51,6 +51,7 @@ _HELP = {
     "unlocked_text_blocks": "With --lock_text: leave the last N text blocks and the head trainable.",
     "gradient_cache_chunks": "Gradient caching: compute each replica's batch in K chunks (activation "
                              "memory of one chunk, same update as K=1, ~2 forward passes).",
+    "patch_dropout": "FLIP: fraction of image patch tokens dropped in training (ViT; 0: off).",
 }
 for field in dataclasses.fields(TrainConfig):
     default = getattr(_DEFAULTS, field.name)

@@ -41,6 +41,8 @@ class CLIP(keras.Model):
         vision_num_heads: int. ViT heads, or heads of the ResNet attention pool.
         vision_patch_size: int. ViT only.
         vision_intermediate_dim: int. ViT MLP width; default 4 * vision_hidden_dim.
+        vision_patch_dropout: float in [0, 1). ViT only: FLIP's patch dropout, the
+            fraction of patch tokens dropped in training (0: off; inference unchanged).
         context_length: int. Text positions (77).
         vocabulary_size: int. 49,408.
         text_hidden_dim, text_num_layers, text_num_heads: text transformer shape.
@@ -87,6 +89,7 @@ class CLIP(keras.Model):
         vision_num_heads=12,
         vision_patch_size=32,
         vision_intermediate_dim=None,
+        vision_patch_dropout=0.0,
         context_length=77,
         vocabulary_size=49408,
         text_hidden_dim=512,
@@ -123,6 +126,13 @@ class CLIP(keras.Model):
         self.vision_num_heads = vision_num_heads
         self.vision_patch_size = vision_patch_size
         self.vision_intermediate_dim = vision_intermediate_dim
+        if vision_patch_dropout and vision_architecture != "vit":
+            raise ValueError(
+                "`vision_patch_dropout` needs vision_architecture='vit'. "
+                f"Received: vision_patch_dropout={vision_patch_dropout}, "
+                f"vision_architecture={vision_architecture!r}"
+            )
+        self.vision_patch_dropout = vision_patch_dropout
         self.context_length = context_length
         self.vocabulary_size = vocabulary_size
         self.text_hidden_dim = text_hidden_dim
@@ -149,6 +159,7 @@ class CLIP(keras.Model):
                 intermediate_dim=vision_intermediate_dim or 4 * vision_hidden_dim,
                 activation=activation,
                 layer_norm_epsilon=layer_norm_epsilon,
+                patch_dropout=vision_patch_dropout,
                 name="visual",
                 dtype=self.dtype_policy,
             )
@@ -207,9 +218,15 @@ class CLIP(keras.Model):
         self.built = True
 
     # -- encoders -----------------------------------------------------------------
-    def encode_image(self, images, normalize=True, training=None):
-        """Image embeddings `(B, E)`; `images` as produced by `CLIPImagePreprocessor`."""
-        features = self.visual(images, training=training)
+    def encode_image(self, images, normalize=True, training=None, seed=None):
+        """Image embeddings `(B, E)`; `images` as produced by `CLIPImagePreprocessor`.
+
+        `seed` (int32 `(2,)`, ViT with patch dropout only) fixes the dropped patches.
+        """
+        if seed is not None:
+            features = self.visual(images, training=training, seed=seed)
+        else:
+            features = self.visual(images, training=training)
         return _l2_normalize(features) if normalize else features
 
     def encode_text(self, token_ids, normalize=True, trim=False):
@@ -325,21 +342,22 @@ class CLIP(keras.Model):
         # the custom train_step never feeds it.
         return list(self._trackers.values())
 
-    def _encode_pair(self, images, token_ids, training):
+    def _encode_pair(self, images, token_ids, training, seed=None):
         if not self._jit_towers:
             # Trimming to the batch's longest text is exact (causal mask) and saves
             # text-tower compute; XLA needs static shapes, so only without it.
-            return (self.encode_image(images, training=training),
+            return (self.encode_image(images, training=training, seed=seed),
                     self.encode_text(token_ids, trim=True))
         if self._encode_pair_fn is None:
             self._encode_pair_fn = {
                 flag: tf.function(
-                    lambda i, t, flag=flag: (self.encode_image(i, training=flag), self.encode_text(t)),
+                    lambda i, t, s=None, flag=flag: (self.encode_image(i, training=flag, seed=s),
+                                                     self.encode_text(t)),
                     jit_compile=True,
                 )
                 for flag in (True, False)
             }
-        return self._encode_pair_fn[bool(training)](images, token_ids)
+        return self._encode_pair_fn[bool(training)](images, token_ids, seed)
 
     def _contrastive_step(self, data, training):
         images, token_ids = data["images"], data["token_ids"]
@@ -427,8 +445,11 @@ class CLIP(keras.Model):
         pieces = [(images[i * size:(i + 1) * size], token_ids[i * size:(i + 1) * size])
                   for i in range(chunks)]
         _, num_replicas = distribute.replica_info()
+        # Patch dropout must drop the same patches in both passes: one seed per chunk.
+        seeds = ([tf.random.uniform((2,), maxval=2**31 - 1, dtype=tf.int32) for _ in pieces]
+                 if getattr(self.visual, "patch_dropout", 0) else [None] * chunks)
         # 1. Embed every chunk with no tape: no activation outlives its chunk.
-        embedded = [self._encode_pair(i, t, training=True) for i, t in pieces]
+        embedded = [self._encode_pair(i, t, True, seed) for (i, t), seed in zip(pieces, seeds)]
         image = tf.stop_gradient(tf.concat([e[0] for e in embedded], axis=0))  # (b, E)
         text = tf.stop_gradient(tf.concat([e[1] for e in embedded], axis=0))  # (b, E)
         # 2. The loss over the global batch (negatives from every replica): gradients
@@ -444,7 +465,7 @@ class CLIP(keras.Model):
         tower_gradients = [None] * len(towers)
         for i, (chunk_images, chunk_tokens) in enumerate(pieces):
             with self._gradient_tape() as tape:
-                chunk_image, chunk_text = self._encode_pair(chunk_images, chunk_tokens, training=True)
+                chunk_image, chunk_text = self._encode_pair(chunk_images, chunk_tokens, True, seeds[i])
             rows = slice(i * size, (i + 1) * size)
             gradients = tape.gradient([chunk_image, chunk_text], towers,
                                       output_gradients=[d_image[rows], d_text[rows]])
@@ -493,6 +514,7 @@ class CLIP(keras.Model):
                 "vision_num_heads": self.vision_num_heads,
                 "vision_patch_size": self.vision_patch_size,
                 "vision_intermediate_dim": self.vision_intermediate_dim,
+                "vision_patch_dropout": self.vision_patch_dropout,
                 "context_length": self.context_length,
                 "vocabulary_size": self.vocabulary_size,
                 "text_hidden_dim": self.text_hidden_dim,

@@ -48,6 +48,8 @@ class TrainConfig:
         gradient_cache_chunks: 1, or K > 1 for gradient caching: each replica's
             batch is embedded and back-propagated in K chunks with the same update
             as the plain step (activation memory of one chunk, two forward passes).
+        patch_dropout: FLIP patch dropout of the ViT image tower in training (0: off;
+            recorded in the saved preset; inference unchanged).
     """
 
     preset: str = "clip_vit_tiny"
@@ -79,6 +81,7 @@ class TrainConfig:
     unlocked_image_blocks: int = 0
     unlocked_text_blocks: int = 0
     gradient_cache_chunks: int = 1
+    patch_dropout: float = 0.0
 
     def validate(self):
         if self.time_collectives_steps < 0:
@@ -99,6 +102,8 @@ class TrainConfig:
             raise ValueError(f"`jit_compile` must be auto, true or false. Received: {self.jit_compile!r}")
         if self.loss not in ("softmax", "sigmoid"):
             raise ValueError(f"`loss` must be softmax or sigmoid. Received: loss={self.loss!r}")
+        if not 0.0 <= self.patch_dropout < 1.0:
+            raise ValueError(f"`patch_dropout` must be in [0, 1). Received: patch_dropout={self.patch_dropout}")
         if self.gradient_cache_chunks < 1 or self.global_batch_size % self.gradient_cache_chunks:
             raise ValueError(
                 "`gradient_cache_chunks` must be >= 1 and divide `global_batch_size`. "

@@ -162,6 +162,8 @@ def evaluate_demo_zero_shot(model, model_dir):
 def build_model_and_optimizer(config, total_steps):
     """The CLIP and its AdamW, created in the current strategy scope."""
     overrides = {"loss": "sigmoid"} if config.loss == "sigmoid" else {}
+    if config.patch_dropout:
+        overrides["vision_patch_dropout"] = config.patch_dropout
     model = CLIP.from_preset(config.preset, dtype=config.precision, **overrides)
     if config.lock_image or config.lock_text:  # before the optimizer sees the variables
         model.lock_towers(config.lock_image, config.lock_text,
