@@ -52,6 +52,7 @@ _HELP = {
     "gradient_cache_chunks": "Gradient caching: compute each replica's batch in K chunks (activation "
                              "memory of one chunk, same update as K=1, ~2 forward passes).",
     "patch_dropout": "FLIP: fraction of image patch tokens dropped in training (ViT; 0: off).",
+    "remat": "Recompute each transformer block in the backward pass (less memory, same gradients).",
 }
 for field in dataclasses.fields(TrainConfig):
     default = getattr(_DEFAULTS, field.name)

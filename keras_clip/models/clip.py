@@ -301,7 +301,8 @@ class CLIP(keras.Model):
                      unlocked_text_blocks, len(self.trainable_variables))
 
     # -- training -----------------------------------------------------------------
-    def compile(self, optimizer="adamw", jit_compile=False, gradient_cache_chunks=1, **kwargs):
+    def compile(self, optimizer="adamw", jit_compile=False, gradient_cache_chunks=1, remat=False,
+                **kwargs):
         """Configures training. No Keras `loss`: the contrastive loss is built in.
 
         Args:
@@ -320,6 +321,11 @@ class CLIP(keras.Model):
                 embedding gradients. The update equals the plain step's; activation
                 memory is that of one chunk; the towers' forward pass runs twice.
                 The local batch must be a multiple of K.
+            remat: bool. Rematerialise every transformer block of both towers
+                (`keras.remat`, i.e. `tf.recompute_grad`): the backward pass keeps
+                only each block's input and recomputes its inside, trading about one
+                extra forward pass of the blocks for their activation memory. Same
+                gradients. (ResNet image towers are not rematerialised.)
             **kwargs: passed to `keras.Model.compile` (e.g. `steps_per_execution`).
         """
         if "loss" in kwargs:
@@ -335,6 +341,9 @@ class CLIP(keras.Model):
         self._jit_towers = bool(jit_compile)
         self._encode_pair_fn = None
         self._gradient_cache_chunks = gradient_cache_chunks
+        for tower in (self.visual, self.text):
+            if hasattr(tower, "remat"):
+                tower.remat = bool(remat)
 
     @property
     def metrics(self):

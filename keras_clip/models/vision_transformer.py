@@ -67,6 +67,8 @@ class CLIPVisionTransformer(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
+        # Training setting, not config: `CLIP.compile(remat=True)` sets it.
+        self.remat = False
         if not 0.0 <= patch_dropout < 1.0:
             raise ValueError(
                 f"`patch_dropout` must be in [0, 1). Received: patch_dropout={patch_dropout}"
@@ -150,7 +152,10 @@ class CLIPVisionTransformer(keras.layers.Layer):
             x = ops.concatenate([x[:, :1], kept], axis=1)  # (B, K+1, D)
         x = self.ln_pre(x)
         for block in self.resblocks:
-            x = block(x)
+            if self.remat:  # keep only the block's input; recompute the rest in backward
+                x = keras.remat(lambda h, block=block: block(h))(x)
+            else:
+                x = block(x)
         x = self.ln_post(x[:, 0])  # (B, D)
         return ops.matmul(x, ops.cast(self.proj, x.dtype))  # (B, E)
 

@@ -50,6 +50,8 @@ class TrainConfig:
             as the plain step (activation memory of one chunk, two forward passes).
         patch_dropout: FLIP patch dropout of the ViT image tower in training (0: off;
             recorded in the saved preset; inference unchanged).
+        remat: rematerialise every transformer block in the backward pass (less
+            activation memory, about one more forward pass of the blocks).
     """
 
     preset: str = "clip_vit_tiny"
@@ -82,6 +84,7 @@ class TrainConfig:
     unlocked_text_blocks: int = 0
     gradient_cache_chunks: int = 1
     patch_dropout: float = 0.0
+    remat: bool = False
 
     def validate(self):
         if self.time_collectives_steps < 0:

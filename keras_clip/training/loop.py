@@ -174,7 +174,7 @@ def build_model_and_optimizer(config, total_steps):
     if config.precision == "mixed_float16":
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     model.compile(optimizer=optimizer, jit_compile=_jit_enabled(config.jit_compile),
-                  gradient_cache_chunks=config.gradient_cache_chunks)
+                  gradient_cache_chunks=config.gradient_cache_chunks, remat=config.remat)
     optimizer.build(model.trainable_variables)
     return model, optimizer
 
