@@ -457,8 +457,15 @@ class CLIP(keras.Model):
         # Patch dropout must drop the same patches in both passes: one seed per chunk.
         seeds = ([tf.random.uniform((2,), maxval=2**31 - 1, dtype=tf.int32) for _ in pieces]
                  if getattr(self.visual, "patch_dropout", 0) else [None] * chunks)
-        # 1. Embed every chunk with no tape: no activation outlives its chunk.
-        embedded = [self._encode_pair(i, t, True, seed) for (i, t), seed in zip(pieces, seeds)]
+        # 1. Embed every chunk with no tape: no activation outlives its chunk. Each
+        # chunk waits for the previous one (a graph's executor would otherwise run
+        # them side by side and hold every chunk's activations at once).
+        embedded, previous = [], []
+        for (chunk_images, chunk_tokens), seed in zip(pieces, seeds):
+            with tf.control_dependencies(previous):
+                chunk_images, chunk_tokens = tf.identity(chunk_images), tf.identity(chunk_tokens)
+            embedded.append(self._encode_pair(chunk_images, chunk_tokens, True, seed))
+            previous = list(embedded[-1])
         image = tf.stop_gradient(tf.concat([e[0] for e in embedded], axis=0))  # (b, E)
         text = tf.stop_gradient(tf.concat([e[1] for e in embedded], axis=0))  # (b, E)
         # 2. The loss over the global batch (negatives from every replica): gradients
@@ -473,6 +480,10 @@ class CLIP(keras.Model):
         # 3. Each chunk again, back-propagating the cached embedding gradients.
         tower_gradients = [None] * len(towers)
         for i, (chunk_images, chunk_tokens) in enumerate(pieces):
+            previous = [g.values if isinstance(g, tf.IndexedSlices) else g
+                        for g in tower_gradients if g is not None]
+            with tf.control_dependencies(previous):  # one chunk at a time, as above
+                chunk_images, chunk_tokens = tf.identity(chunk_images), tf.identity(chunk_tokens)
             with self._gradient_tape() as tape:
                 chunk_image, chunk_text = self._encode_pair(chunk_images, chunk_tokens, True, seeds[i])
             rows = slice(i * size, (i + 1) * size)
