@@ -347,3 +347,15 @@ def test_remat_gives_the_plain_step_gradients(chunks):
     # tf.custom_gradient marks each rematerialised block with an IdentityN: 2 blocks per
     # pass of the towers; gradient caching runs the towers twice per chunk.
     assert remat_ops.count("IdentityN") - plain_ops.count("IdentityN") >= 2 * chunks
+
+
+def test_sigmoid_fine_tuning_starts_from_a_softmax_preset(tmp_path):
+    softmax = harness.tiny_clip(seed=3)
+    softmax.logit_scale.log_scale.assign(np.log(50.0))
+    softmax.save_to_preset(str(tmp_path / "preset"))
+    model = CLIP.from_preset(str(tmp_path / "preset"), loss="sigmoid")
+    assert model.contrastive_loss == "sigmoid" and float(model.logit_bias()) == -10.0
+    assert float(model.logit_scale()) == pytest.approx(50.0, rel=1e-6)
+    for mine, theirs in zip(model.visual.weights + model.text.weights,
+                            softmax.visual.weights + softmax.text.weights):
+        np.testing.assert_array_equal(np.asarray(mine), np.asarray(theirs))

@@ -248,6 +248,30 @@ class CLIP(keras.Model):
             "logits_per_text": ops.transpose(logits_per_image),
         }
 
+    def load_weights(self, filepath, *args, **kwargs):
+        """`keras.Model.load_weights`, plus: a sigmoid-loss model accepts the weights
+        file of a softmax-loss model with the same towers (no `logit_bias` in it), so
+        SigLIP fine-tuning can start from a CLIP preset; the bias keeps its initial
+        value and the temperature is the file's."""
+        if self.logit_bias is not None and str(filepath).endswith(".weights.h5"):
+            import h5py
+
+            with h5py.File(filepath, "r") as f:
+                has_bias = "logit_bias" in f.get("layers", {})
+            if not has_bias:
+                config = {k: v for k, v in self.get_config().items() if k not in ("name", "trainable")}
+                donor = CLIP(**dict(config, loss="softmax"))
+                donor.load_weights(filepath, *args, **kwargs)
+                donated = {v.path.split("/", 1)[1]: v for v in donor.weights}
+                for variable in self.weights:
+                    path = variable.path.split("/", 1)[1]
+                    if not path.startswith("logit_bias/"):
+                        variable.assign(donated[path])
+                logging.info("Loaded softmax-loss weights %s into a sigmoid-loss CLIP; "
+                             "logit_bias starts at %s", filepath, self.initial_logit_bias)
+                return
+        return super().load_weights(filepath, *args, **kwargs)
+
     # -- locked towers (LiT) ------------------------------------------------------
     def lock_towers(self, image=False, text=False, unlocked_image_blocks=0,
                     unlocked_text_blocks=0):
