@@ -359,3 +359,22 @@ def test_sigmoid_fine_tuning_starts_from_a_softmax_preset(tmp_path):
     for mine, theirs in zip(model.visual.weights + model.text.weights,
                             softmax.visual.weights + softmax.text.weights):
         np.testing.assert_array_equal(np.asarray(mine), np.asarray(theirs))
+
+
+def test_gradient_cache_drops_the_same_patches_in_both_passes():
+    model = harness.tiny_clip(**TINY, vision_patch_dropout=0.5)
+    drawn = []
+    original = model.visual.patch_keep_indices
+
+    def recording(batch, seed=None):
+        indices = original(batch, seed)
+        drawn.append(np.asarray(indices))
+        return indices
+
+    model.visual.patch_keep_indices = recording
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate=0.1), gradient_cache_chunks=2)
+    model.train_step(_batch(8))
+    assert [d.shape for d in drawn] == [(4, 8)] * 4  # 2 chunks x (embedding pass, backward pass)
+    np.testing.assert_array_equal(drawn[0], drawn[2])
+    np.testing.assert_array_equal(drawn[1], drawn[3])
+    assert not np.array_equal(drawn[0], drawn[1])  # each chunk its own draw
