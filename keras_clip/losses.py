@@ -58,3 +58,50 @@ def clip_loss(local_image, local_text, all_image, all_text, logit_scale, label_o
         "logits_per_image": logits_per_image,
         "logits_per_text": logits_per_text,
     }
+
+
+def sigmoid_loss(local_image, local_text, all_image, all_text, logit_scale, logit_bias,
+                 label_offset=0):
+    """SigLIP's pairwise sigmoid loss (Zhai et al., 2023) over this replica's rows.
+
+    Every (image, text) pair of the global batch is an independent binary problem:
+    `-log sigmoid(z_ij * (scale * <x_i, y_j> + bias))`, `z_ij = 1` on the diagonal and
+    `-1` elsewhere, summed over the N texts and averaged over images. This replica
+    scores only its `b` images against the N gathered texts (a `(b, N)` matrix), so no
+    device materialises the global `N x N` matrix; the mean of this value over replicas
+    is the global loss (the paper's normalisation: divided by the batch size).
+
+    Deviation from the paper: the paper passes text chunks around the replicas in a
+    ring (`ppermute`); here the texts are all-gathered once (the same all-gather the
+    softmax loss uses), which costs `N x E` memory per replica but the same `b x N`
+    logits.
+
+    Args:
+        local_image, local_text: `(b, E)` unit-norm features of this replica's pairs.
+        all_image, all_text: `(N, E)`; `all_image` is used only for the text-to-image
+            accuracy (no gradient flows through it into the loss).
+        logit_scale, logit_bias: scalars (SigLIP initialises them to 10 and -10).
+        label_offset: int, index of this replica's first pair in the global batch.
+
+    Returns:
+        The same dict as `clip_loss`; `logits_per_image` includes the bias.
+    """
+    scale = tf.cast(logit_scale, tf.float32)
+    bias = tf.cast(logit_bias, tf.float32)
+    cosine = tf.cast(tf.matmul(local_image, all_text, transpose_b=True), tf.float32)  # (b, N)
+    logits_per_image = scale * cosine + bias
+    labels = label_offset + tf.range(tf.shape(local_image)[0])  # (b,)
+    signs = 2.0 * tf.one_hot(labels, tf.shape(all_text)[0], dtype=tf.float32) - 1.0  # (b, N)
+    loss = -tf.reduce_mean(tf.reduce_sum(tf.math.log_sigmoid(signs * logits_per_image), axis=1))
+    logits_per_text = scale * tf.cast(
+        tf.matmul(local_text, tf.stop_gradient(all_image), transpose_b=True), tf.float32) + bias
+    hit = lambda logits: tf.reduce_mean(  # noqa: E731
+        tf.cast(tf.equal(tf.argmax(logits, axis=-1, output_type=labels.dtype), labels), tf.float32)
+    )
+    return {
+        "loss": loss,
+        "image_to_text_accuracy": hit(logits_per_image),
+        "text_to_image_accuracy": hit(logits_per_text),
+        "logits_per_image": logits_per_image,
+        "logits_per_text": logits_per_text,
+    }

@@ -200,16 +200,24 @@ class ZeroShotClassifier(keras.Model):
         return images
 
     def compute_logits(self, images, training=False):
-        """Scaled cosine similarities `(B, C)` (the softmax's input)."""
+        """Scaled cosine similarities `(B, C)` (the softmax's input); for a model trained
+        with the sigmoid loss, plus its learned bias (the sigmoid's input)."""
         image_embeddings = self.clip_model.encode_image(
             self._preprocess(images), training=training
         )  # (B, E), unit norm
         image_embeddings = ops.cast(image_embeddings, "float32")
         scale = ops.cast(self.clip_model.logit_scale(), "float32")
-        return scale * ops.matmul(image_embeddings, ops.transpose(self.class_embeddings))
+        logits = scale * ops.matmul(image_embeddings, ops.transpose(self.class_embeddings))
+        if getattr(self.clip_model, "contrastive_loss", "softmax") == "sigmoid":
+            logits = logits + ops.cast(self.clip_model.logit_bias(), "float32")
+        return logits  # (B, C)
 
     def call(self, images, training=False):
-        return ops.softmax(self.compute_logits(images, training=training), axis=-1)  # (B, C)
+        logits = self.compute_logits(images, training=training)  # (B, C)
+        if getattr(self.clip_model, "contrastive_loss", "softmax") == "sigmoid":
+            # SigLIP: each class is an independent yes/no; rows need not sum to 1.
+            return ops.sigmoid(logits)
+        return ops.softmax(logits, axis=-1)
 
     def predict_labels(self, images, batch_size=None):
         """Arg-max class indices, int64 numpy `(B,)`, computed in batches.

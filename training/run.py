@@ -45,6 +45,15 @@ _HELP = {
                          "(every worker stops at the same step); 0: never.",
     "time_collectives_steps": "After training, time the all-gather and gradient all-reduce alone "
                               "this many times each (summary.json 'collectives'); 0: off.",
+    "loss": "softmax (CLIP) | sigmoid (SigLIP: learned temperature and bias, init 10 and -10).",
+    "lock_image": "Freeze the image tower (LiT): no gradients, no optimizer state, frozen BN.",
+    "lock_text": "Freeze the text tower.",
+    "unlocked_image_blocks": "With --lock_image: leave the last N image blocks and the head trainable.",
+    "unlocked_text_blocks": "With --lock_text: leave the last N text blocks and the head trainable.",
+    "gradient_cache_chunks": "Gradient caching: compute each replica's batch in K chunks (activation "
+                             "memory of one chunk, same update as K=1, ~2 forward passes).",
+    "patch_dropout": "FLIP: fraction of image patch tokens dropped in training (ViT; 0: off).",
+    "remat": "Recompute each transformer block in the backward pass (less memory, same gradients).",
 }
 for field in dataclasses.fields(TrainConfig):
     default = getattr(_DEFAULTS, field.name)

@@ -62,3 +62,37 @@ class LogitScale(keras.layers.Layer):
         config = super().get_config()
         config.update({"initial_scale": self.initial_scale, "max_scale": self.max_scale})
         return config
+
+
+@keras.saving.register_keras_serializable(package="keras_clip")
+class LogitBias(keras.layers.Layer):
+    """A learned scalar added to the sigmoid loss's logits (SigLIP; initialised to -10).
+
+    With many more negatives than positives per row, a strongly negative start keeps
+    the initial loss from being dominated by the negatives (Zhai et al., 2023, sec. 3.2).
+    The weight is kept in float32 under mixed precision.
+
+    Args:
+        initial_bias: float, initial value (-10).
+
+    Returns:
+        A float32 scalar.
+    """
+
+    def __init__(self, initial_bias=-10.0, **kwargs):
+        super().__init__(**kwargs)
+        self.initial_bias = initial_bias
+
+    def build(self, input_shape=None):
+        self.bias = self.add_weight(
+            name="bias", shape=(), dtype="float32",
+            initializer=keras.initializers.Constant(self.initial_bias),
+        )
+
+    def call(self, inputs=None):
+        return ops.convert_to_tensor(self.bias)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"initial_bias": self.initial_bias})
+        return config

@@ -1,4 +1,5 @@
 """The CLIP model: an image tower and a text tower in one embedding space."""
+import contextlib
 import json
 import os
 import shutil
@@ -9,7 +10,7 @@ from absl import logging
 from keras import ops
 
 from keras_clip import distribute, losses
-from keras_clip.layers.logit_scale import LogitScale
+from keras_clip.layers.logit_scale import LogitBias, LogitScale
 from keras_clip.models.modified_resnet import CLIPModifiedResNet
 from keras_clip.models.text_transformer import CLIPTextTransformer
 from keras_clip.models.vision_transformer import CLIPVisionTransformer
@@ -41,6 +42,8 @@ class CLIP(keras.Model):
         vision_num_heads: int. ViT heads, or heads of the ResNet attention pool.
         vision_patch_size: int. ViT only.
         vision_intermediate_dim: int. ViT MLP width; default 4 * vision_hidden_dim.
+        vision_patch_dropout: float in [0, 1). ViT only: FLIP's patch dropout, the
+            fraction of patch tokens dropped in training (0: off; inference unchanged).
         context_length: int. Text positions (77).
         vocabulary_size: int. 49,408.
         text_hidden_dim, text_num_layers, text_num_heads: text transformer shape.
@@ -48,13 +51,20 @@ class CLIP(keras.Model):
         activation: `"quick_gelu"` (OpenAI weights) or `"gelu"` (LAION weights).
         layer_norm_epsilon: float. 1e-5 as in PyTorch.
         batch_norm_epsilon: float. 1e-5 as in PyTorch (ResNet only).
-        initial_logit_scale: float. 1 / 0.07.
+        initial_logit_scale: float. Default 1 / 0.07 (softmax loss) or 10 (sigmoid
+            loss, as SigLIP).
         max_logit_scale: float. 100.
         end_token_id: int. Where the text tower pools (49407).
         max_image_pixels: int. Largest image (width x height, as its header
             declares it) that `image_preprocessor()` decodes, and that exports
             serve; larger ones are refused before decoding. 50 million by
             default (`image_preprocessor.DEFAULT_MAX_PIXELS`).
+        loss: `"softmax"` (CLIP's symmetric InfoNCE) or `"sigmoid"` (SigLIP's pairwise
+            binary loss, with a learned `logit_bias`). Recorded in the config, so
+            zero-shot classification of a sigmoid-trained model uses sigmoid
+            probabilities.
+        initial_logit_bias: float. Start of the sigmoid loss's bias (-10, as SigLIP);
+            unused with the softmax loss (no bias weight is created).
 
     Call arguments:
         inputs: dict with `"images"` (float `(B, S, S, 3)`, preprocessed by
@@ -63,7 +73,8 @@ class CLIP(keras.Model):
 
     Returns:
         dict: `image_embeddings` `(B, E)` and `text_embeddings` `(B', E)` (unit norm),
-        `logits_per_image` `(B, B')` and `logits_per_text` `(B', B)` (scaled cosines).
+        `logits_per_image` `(B, B')` and `logits_per_text` `(B', B)` (scaled cosines,
+        plus `logit_bias` for `loss="sigmoid"`).
 
     Example:
     >>> model = CLIP.from_preset("clip_vit_tiny")
@@ -83,6 +94,7 @@ class CLIP(keras.Model):
         vision_num_heads=12,
         vision_patch_size=32,
         vision_intermediate_dim=None,
+        vision_patch_dropout=0.0,
         context_length=77,
         vocabulary_size=49408,
         text_hidden_dim=512,
@@ -92,13 +104,19 @@ class CLIP(keras.Model):
         activation="quick_gelu",
         layer_norm_epsilon=1e-5,
         batch_norm_epsilon=1e-5,
-        initial_logit_scale=1 / 0.07,
+        initial_logit_scale=None,
         max_logit_scale=100.0,
         end_token_id=49407,
         max_image_pixels=DEFAULT_MAX_PIXELS,
+        loss="softmax",
+        initial_logit_bias=-10.0,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        if loss not in ("softmax", "sigmoid"):
+            raise ValueError(f"`loss` must be 'softmax' or 'sigmoid'. Received: loss={loss!r}")
+        if initial_logit_scale is None:
+            initial_logit_scale = 10.0 if loss == "sigmoid" else 1 / 0.07
         if vision_architecture not in ("vit", "resnet"):
             raise ValueError(
                 "`vision_architecture` must be 'vit' or 'resnet'. "
@@ -114,6 +132,13 @@ class CLIP(keras.Model):
         self.vision_num_heads = vision_num_heads
         self.vision_patch_size = vision_patch_size
         self.vision_intermediate_dim = vision_intermediate_dim
+        if vision_patch_dropout and vision_architecture != "vit":
+            raise ValueError(
+                "`vision_patch_dropout` needs vision_architecture='vit'. "
+                f"Received: vision_patch_dropout={vision_patch_dropout}, "
+                f"vision_architecture={vision_architecture!r}"
+            )
+        self.vision_patch_dropout = vision_patch_dropout
         self.context_length = context_length
         self.vocabulary_size = vocabulary_size
         self.text_hidden_dim = text_hidden_dim
@@ -129,6 +154,8 @@ class CLIP(keras.Model):
         self.max_image_pixels = validate_max_pixels(
             max_image_pixels, "max_image_pixels", image_size=image_size
         )
+        self.contrastive_loss = loss  # `self.loss` belongs to keras.Model.compile
+        self.initial_logit_bias = initial_logit_bias
 
         if vision_architecture == "vit":
             self.visual = CLIPVisionTransformer(
@@ -141,6 +168,7 @@ class CLIP(keras.Model):
                 intermediate_dim=vision_intermediate_dim or 4 * vision_hidden_dim,
                 activation=activation,
                 layer_norm_epsilon=layer_norm_epsilon,
+                patch_dropout=vision_patch_dropout,
                 name="visual",
                 dtype=self.dtype_policy,
             )
@@ -172,8 +200,13 @@ class CLIP(keras.Model):
         self.logit_scale = LogitScale(
             initial_logit_scale, max_logit_scale, name="logit_scale", dtype="float32"
         )
+        self.logit_bias = (
+            LogitBias(initial_logit_bias, name="logit_bias", dtype="float32")
+            if loss == "sigmoid" else None
+        )
         # Training state that is not configuration.
         self._jit_towers = False
+        self._gradient_cache_chunks = 1
         self._encode_pair_fn = None
         self.logits_hook = None  # called with (logits_per_image,) at trace time; for tests
         self._trackers = {
@@ -189,12 +222,20 @@ class CLIP(keras.Model):
         self.visual.build((None, self.image_size, self.image_size, 3))
         self.text.build((None, self.context_length))
         self.logit_scale.build()
+        if self.logit_bias is not None:
+            self.logit_bias.build()
         self.built = True
 
     # -- encoders -----------------------------------------------------------------
-    def encode_image(self, images, normalize=True, training=None):
-        """Image embeddings `(B, E)`; `images` as produced by `CLIPImagePreprocessor`."""
-        features = self.visual(images, training=training)
+    def encode_image(self, images, normalize=True, training=None, seed=None):
+        """Image embeddings `(B, E)`; `images` as produced by `CLIPImagePreprocessor`.
+
+        `seed` (int32 `(2,)`, ViT with patch dropout only) fixes the dropped patches.
+        """
+        if seed is not None:
+            features = self.visual(images, training=training, seed=seed)
+        else:
+            features = self.visual(images, training=training)
         return _l2_normalize(features) if normalize else features
 
     def encode_text(self, token_ids, normalize=True, trim=False):
@@ -207,6 +248,8 @@ class CLIP(keras.Model):
         text_embeddings = self.encode_text(inputs["token_ids"])
         scale = ops.cast(self.logit_scale(), image_embeddings.dtype)
         logits_per_image = scale * ops.matmul(image_embeddings, ops.transpose(text_embeddings))
+        if self.logit_bias is not None:  # sigmoid loss: sigmoid(logits) is P(match)
+            logits_per_image = logits_per_image + ops.cast(self.logit_bias(), logits_per_image.dtype)
         return {
             "image_embeddings": image_embeddings,
             "text_embeddings": text_embeddings,
@@ -214,8 +257,85 @@ class CLIP(keras.Model):
             "logits_per_text": ops.transpose(logits_per_image),
         }
 
+    def load_weights(self, filepath, *args, **kwargs):
+        """`keras.Model.load_weights`, plus: a sigmoid-loss model accepts the weights
+        file of a softmax-loss model with the same towers (no `logit_bias` in it), so
+        SigLIP fine-tuning can start from a CLIP preset; the bias keeps its initial
+        value and the temperature is the file's."""
+        if self.logit_bias is not None and str(filepath).endswith(".weights.h5"):
+            import h5py
+
+            with h5py.File(filepath, "r") as f:
+                has_bias = "logit_bias" in f.get("layers", {})
+            if not has_bias:
+                config = {k: v for k, v in self.get_config().items() if k not in ("name", "trainable")}
+                donor = CLIP(**dict(config, loss="softmax"))
+                donor.load_weights(filepath, *args, **kwargs)
+                donated = {v.path.split("/", 1)[1]: v for v in donor.weights}
+                for variable in self.weights:
+                    path = variable.path.split("/", 1)[1]
+                    if not path.startswith("logit_bias/"):
+                        variable.assign(donated[path])
+                logging.info("Loaded softmax-loss weights %s into a sigmoid-loss CLIP; "
+                             "logit_bias starts at %s", filepath, self.initial_logit_bias)
+                return
+        return super().load_weights(filepath, *args, **kwargs)
+
+    # -- locked towers (LiT) ------------------------------------------------------
+    def lock_towers(self, image=False, text=False, unlocked_image_blocks=0,
+                    unlocked_text_blocks=0):
+        """Freezes the image and/or text tower for training (LiT, Zhai et al., 2022).
+
+        A locked tower's weights become non-trainable: `trainable_variables` omits
+        them, so the optimizer creates no state for them and the gradient tape never
+        watches them, which skips the tower's backward pass entirely (the images enter
+        the step as constants). Locked sub-layers run in inference mode, so a ResNet's
+        batch-norm statistics stay frozen. Call before `compile` and before building
+        the optimizer. The lock is a training setting, not part of the model's config.
+
+        Args:
+            image, text: bool. Lock that tower.
+            unlocked_image_blocks, unlocked_text_blocks: int. Leave the last N residual
+                blocks of a locked tower trainable, together with its head (ViT:
+                `ln_post` and `proj`; text: `ln_final` and `text_projection`; ResNet:
+                the attention pool; the N blocks count bottlenecks across stages).
+                0 (default): the whole tower is locked.
+        """
+        for tower, lock, unlocked, arg in (
+            (self.visual, image, unlocked_image_blocks, "unlocked_image_blocks"),
+            (self.text, text, unlocked_text_blocks, "unlocked_text_blocks"),
+        ):
+            blocks, head_layers, head_weights = _tower_parts(tower)
+            if not isinstance(unlocked, int) or not 0 <= unlocked <= len(blocks):
+                raise ValueError(
+                    f"`{arg}` must be an int from 0 to the tower's {len(blocks)} blocks. "
+                    f"Received: {arg}={unlocked!r}"
+                )
+            if unlocked and not lock:
+                raise ValueError(f"`{arg}` needs its tower locked. Received: {arg}={unlocked}")
+            own = [w for w in tower.weights if w.path.rsplit("/", 1)[0] == tower.path]
+            _set_trainable(tower, True)
+            for variable in own:  # embeddings and projections: all trainable by design
+                variable.trainable = True
+            if not lock:
+                continue
+            if not unlocked:
+                _set_trainable(tower, False)
+                continue
+            keep_layers = set(map(id, blocks[len(blocks) - unlocked:] + head_layers))
+            keep_weights = set(map(id, head_weights))
+            for layer in tower._flatten_layers(include_self=False, recursive=False):
+                if id(layer) not in keep_layers:
+                    _set_trainable(layer, False)
+            for variable in own:
+                variable.trainable = id(variable) in keep_weights
+        logging.info("Locked towers: image=%s (last %d blocks trainable), text=%s (last %d); "
+                     "%d trainable variables", image, unlocked_image_blocks, text,
+                     unlocked_text_blocks, len(self.trainable_variables))
+
     # -- training -----------------------------------------------------------------
-    def compile(self, optimizer="adamw", jit_compile=False, **kwargs):
+    def compile(self, optimizer="adamw", jit_compile=False, gradient_cache_chunks=1, remat=False,
+                **kwargs):
         """Configures training. No Keras `loss`: the contrastive loss is built in.
 
         Args:
@@ -225,15 +345,38 @@ class CLIP(keras.Model):
                 The cross-replica all-gather stays outside the compiled function (XLA
                 on CPU cannot compile collectives), so this works under every
                 `tf.distribute` strategy; Keras' whole-step compilation is disabled.
+            gradient_cache_chunks: int. 1: the plain step. K > 1: gradient caching
+                (Gao et al., 2021, "Scaling Deep Contrastive Learning Batch Size under
+                Memory Limited Setup"): each replica's batch is embedded in K chunks
+                without keeping activations, the loss and its gradients with respect
+                to the embeddings are computed over the whole global batch, then
+                each chunk's towers are run again and back-propagated with those
+                embedding gradients. The update equals the plain step's; activation
+                memory is that of one chunk; the towers' forward pass runs twice.
+                The local batch must be a multiple of K.
+            remat: bool. Rematerialise every transformer block of both towers
+                (`keras.remat`, i.e. `tf.recompute_grad`): the backward pass keeps
+                only each block's input and recomputes its inside, trading about one
+                extra forward pass of the blocks for their activation memory. Same
+                gradients. (ResNet image towers are not rematerialised.)
             **kwargs: passed to `keras.Model.compile` (e.g. `steps_per_execution`).
         """
         if "loss" in kwargs:
             raise ValueError("CLIP computes its contrastive loss itself; do not pass `loss`.")
+        if not isinstance(gradient_cache_chunks, int) or gradient_cache_chunks < 1:
+            raise ValueError(
+                "`gradient_cache_chunks` must be an int >= 1. "
+                f"Received: gradient_cache_chunks={gradient_cache_chunks!r}"
+            )
         super().compile(optimizer=optimizer, jit_compile=False, **kwargs)
         if jit_compile == "auto":  # Keras' default spelling: XLA where a GPU is present
             jit_compile = bool(tf.config.list_physical_devices("GPU"))
         self._jit_towers = bool(jit_compile)
         self._encode_pair_fn = None
+        self._gradient_cache_chunks = gradient_cache_chunks
+        for tower in (self.visual, self.text):
+            if hasattr(tower, "remat"):
+                tower.remat = bool(remat)
 
     @property
     def metrics(self):
@@ -241,34 +384,58 @@ class CLIP(keras.Model):
         # the custom train_step never feeds it.
         return list(self._trackers.values())
 
-    def _encode_pair(self, images, token_ids, training):
+    def _encode_pair(self, images, token_ids, training, seed=None):
         if not self._jit_towers:
             # Trimming to the batch's longest text is exact (causal mask) and saves
             # text-tower compute; XLA needs static shapes, so only without it.
-            return (self.encode_image(images, training=training),
+            return (self.encode_image(images, training=training, seed=seed),
                     self.encode_text(token_ids, trim=True))
         if self._encode_pair_fn is None:
             self._encode_pair_fn = {
                 flag: tf.function(
-                    lambda i, t, flag=flag: (self.encode_image(i, training=flag), self.encode_text(t)),
+                    lambda i, t, s=None, flag=flag: (self.encode_image(i, training=flag, seed=s),
+                                                     self.encode_text(t)),
                     jit_compile=True,
                 )
                 for flag in (True, False)
             }
-        return self._encode_pair_fn[bool(training)](images, token_ids)
+        return self._encode_pair_fn[bool(training)](images, token_ids, seed)
 
     def _contrastive_step(self, data, training):
         images, token_ids = data["images"], data["token_ids"]
-        replica_id, num_replicas = distribute.replica_info()
+        _, num_replicas = distribute.replica_info()
         image, text = self._encode_pair(images, token_ids, training)  # (b, E) each
+        return self._loss_from_embeddings(image, text), num_replicas
+
+    def _loss_from_embeddings(self, image, text):
+        """The loss of this replica's `(b, E)` embeddings against every replica's."""
+        replica_id, _ = distribute.replica_info()
         all_image = distribute.gather_with_gradient(image)  # (N, E)
         all_text = distribute.gather_with_gradient(text)  # (N, E)
         local_batch = tf.shape(image)[0]
         offset = tf.cast(replica_id, tf.int32) * local_batch
-        out = losses.clip_loss(image, text, all_image, all_text, self.logit_scale(), offset)
+        if self.contrastive_loss == "sigmoid":
+            out = losses.sigmoid_loss(image, text, all_image, all_text, self.logit_scale(),
+                                      self.logit_bias(), offset)
+        else:
+            out = losses.clip_loss(image, text, all_image, all_text, self.logit_scale(), offset)
         if self.logits_hook is not None:
             self.logits_hook(out["logits_per_image"])
-        return out, num_replicas
+        return out
+
+    @contextlib.contextmanager
+    def _gradient_tape(self):
+        """A tape watching exactly `trainable_variables`.
+
+        The default tape watches every `tf.Variable` created trainable, which includes
+        weights that `lock_towers` froze (Keras' flag does not reach the underlying
+        `tf.Variable`); it would record a locked tower's forward pass and build its
+        backward pass. Watching only the trainable weights records nothing upstream
+        of the first unlocked layer.
+        """
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
+            tape.watch([v.value for v in self.trainable_variables])  # the tf.Variables
+            yield tape
 
     def _update_trackers(self, out):
         self._trackers["loss"].update_state(out["loss"])
@@ -296,12 +463,67 @@ class CLIP(keras.Model):
             dict of running means: loss, image_to_text_accuracy,
             text_to_image_accuracy, temperature (1 / logit_scale), learning_rate.
         """
-        with tf.GradientTape() as tape:
+        if self._gradient_cache_chunks > 1:
+            return self._gradient_cache_step(data, self._gradient_cache_chunks)
+        with self._gradient_tape() as tape:
             out, num_replicas = self._contrastive_step(data, training=True)
             loss = out["loss"] / num_replicas
             loss = self.optimizer.scale_loss(loss)
         gradients = tape.gradient(loss, self.trainable_variables)
         self.optimizer.apply(gradients, self.trainable_variables)
+        return self._update_trackers(out)
+
+    def _gradient_cache_step(self, data, chunks):
+        """`train_step` in `chunks` pieces with the same update (see `compile`)."""
+        images, token_ids = data["images"], data["token_ids"]
+        local_batch = images.shape[0]
+        if local_batch is None or local_batch % chunks:
+            raise ValueError(
+                "Gradient caching needs a static per-replica batch that is a multiple of "
+                f"`gradient_cache_chunks`. Received: batch={local_batch}, "
+                f"gradient_cache_chunks={chunks}"
+            )
+        size = local_batch // chunks
+        pieces = [(images[i * size:(i + 1) * size], token_ids[i * size:(i + 1) * size])
+                  for i in range(chunks)]
+        _, num_replicas = distribute.replica_info()
+        # Patch dropout must drop the same patches in both passes: one seed per chunk.
+        seeds = ([tf.random.uniform((2,), maxval=2**31 - 1, dtype=tf.int32) for _ in pieces]
+                 if getattr(self.visual, "patch_dropout", 0) else [None] * chunks)
+        # 1. Embed every chunk with no tape: no activation outlives its chunk. Each
+        # chunk waits for the previous one (a graph's executor would otherwise run
+        # them side by side and hold every chunk's activations at once).
+        embedded, previous = [], []
+        for (chunk_images, chunk_tokens), seed in zip(pieces, seeds):
+            with tf.control_dependencies(previous):
+                chunk_images, chunk_tokens = tf.identity(chunk_images), tf.identity(chunk_tokens)
+            embedded.append(self._encode_pair(chunk_images, chunk_tokens, True, seed))
+            previous = list(embedded[-1])
+        image = tf.stop_gradient(tf.concat([e[0] for e in embedded], axis=0))  # (b, E)
+        text = tf.stop_gradient(tf.concat([e[1] for e in embedded], axis=0))  # (b, E)
+        # 2. The loss over the global batch (negatives from every replica): gradients
+        # with respect to this replica's embeddings and to the loss's own weights.
+        head = [v for v in self.trainable_variables if _is_loss_weight(v)]
+        towers = [v for v in self.trainable_variables if not _is_loss_weight(v)]
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
+            tape.watch([image, text] + [v.value for v in head])
+            out = self._loss_from_embeddings(image, text)
+            loss = self.optimizer.scale_loss(out["loss"] / num_replicas)
+        d_image, d_text, *head_gradients = tape.gradient(loss, [image, text] + head)
+        # 3. Each chunk again, back-propagating the cached embedding gradients.
+        tower_gradients = [None] * len(towers)
+        for i, (chunk_images, chunk_tokens) in enumerate(pieces):
+            previous = [g.values if isinstance(g, tf.IndexedSlices) else g
+                        for g in tower_gradients if g is not None]
+            with tf.control_dependencies(previous):  # one chunk at a time, as above
+                chunk_images, chunk_tokens = tf.identity(chunk_images), tf.identity(chunk_tokens)
+            with self._gradient_tape() as tape:
+                chunk_image, chunk_text = self._encode_pair(chunk_images, chunk_tokens, True, seeds[i])
+            rows = slice(i * size, (i + 1) * size)
+            gradients = tape.gradient([chunk_image, chunk_text], towers,
+                                      output_gradients=[d_image[rows], d_text[rows]])
+            tower_gradients = [_add_gradients(a, b) for a, b in zip(tower_gradients, gradients)]
+        self.optimizer.apply(tower_gradients + head_gradients, towers + head)
         return self._update_trackers(out)
 
     def test_step(self, data):
@@ -349,6 +571,7 @@ class CLIP(keras.Model):
                 "vision_num_heads": self.vision_num_heads,
                 "vision_patch_size": self.vision_patch_size,
                 "vision_intermediate_dim": self.vision_intermediate_dim,
+                "vision_patch_dropout": self.vision_patch_dropout,
                 "context_length": self.context_length,
                 "vocabulary_size": self.vocabulary_size,
                 "text_hidden_dim": self.text_hidden_dim,
@@ -362,6 +585,8 @@ class CLIP(keras.Model):
                 "max_logit_scale": self.max_logit_scale,
                 "end_token_id": self.end_token_id,
                 "max_image_pixels": self.max_image_pixels,
+                "loss": self.contrastive_loss,
+                "initial_logit_bias": self.initial_logit_bias,
             }
         )
         return config
@@ -460,6 +685,39 @@ class CLIP(keras.Model):
         from keras_clip.convert import writers
 
         return writers.save_checkpoint(self, path, format)
+
+
+def _is_loss_weight(variable):
+    """The loss's own weights (`logit_scale`, `logit_bias`), not the towers'."""
+    return "/logit_scale/" in variable.path or "/logit_bias/" in variable.path
+
+
+def _add_gradients(total, gradient):
+    """Sums chunk gradients; embedding gradients stay sparse (`IndexedSlices`)."""
+    if total is None or gradient is None:
+        return gradient if total is None else total
+    if isinstance(total, tf.IndexedSlices) and isinstance(gradient, tf.IndexedSlices):
+        return tf.IndexedSlices(tf.concat([total.values, gradient.values], axis=0),
+                                tf.concat([total.indices, gradient.indices], axis=0),
+                                total.dense_shape)
+    return tf.convert_to_tensor(total) + tf.convert_to_tensor(gradient)
+
+
+def _tower_parts(tower):
+    """`(residual blocks in order, head layers, head weights)` of a tower."""
+    if isinstance(tower, CLIPVisionTransformer):
+        return list(tower.resblocks), [tower.ln_post], [tower.proj]
+    if isinstance(tower, CLIPModifiedResNet):
+        return [block for stage in tower.stages for block in stage], [tower.attnpool], []
+    return list(tower.resblocks), [tower.ln_final], [tower.text_projection]
+
+
+def _set_trainable(layer, value):
+    """Sets the flag of `layer` and of every sub-layer, including those kept in plain
+    lists of tuples (which Keras' own setter does not reach). Only weights created
+    trainable change; batch-norm statistics stay non-trainable."""
+    for sublayer in layer._flatten_layers(include_self=True, recursive=True):
+        sublayer.trainable = value
 
 
 def _l2_normalize(x):

@@ -63,6 +63,8 @@ class CLIPTextTransformer(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
+        # Training setting, not config: `CLIP.compile(remat=True)` sets it.
+        self.remat = False
         for arg, value in [
             ("embed_dim", embed_dim), ("vocabulary_size", vocabulary_size),
             ("context_length", context_length), ("hidden_dim", hidden_dim),
@@ -127,7 +129,10 @@ class CLIPTextTransformer(keras.layers.Layer):
         x = self.token_embedding(token_ids)  # (B, T, D)
         x = x + ops.cast(self.positional_embedding[:length], x.dtype)
         for block in self.resblocks:
-            x = block(x, causal=True)  # (B, T, D)
+            if self.remat:  # keep only the block's input; recompute the rest in backward
+                x = keras.remat(lambda h, block=block: block(h, causal=True))(x)
+            else:
+                x = block(x, causal=True)  # (B, T, D)
         x = self.ln_final(x)
         pooled = ops.take_along_axis(x, positions[:, None, None], axis=1)[:, 0]  # (B, D)
         return ops.matmul(pooled, ops.cast(self.text_projection, pooled.dtype))  # (B, E)

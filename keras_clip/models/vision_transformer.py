@@ -1,5 +1,6 @@
 """CLIP image tower, Vision Transformer variant."""
 import keras
+import tensorflow as tf
 from keras import ops
 
 from keras_clip.layers.initializers import torch_default_kernel
@@ -28,9 +29,18 @@ class CLIPVisionTransformer(keras.layers.Layer):
         intermediate_dim: int. MLP width (4 * hidden_dim).
         activation: `"quick_gelu"` or `"gelu"`.
         layer_norm_epsilon: float. 1e-5 as in PyTorch.
+        patch_dropout: float in [0, 1). FLIP (Li et al., 2023): during training only,
+            each image keeps a random `int(num_patches * (1 - patch_dropout))` of its
+            patch tokens (at least 1; the class token always), chosen after the
+            positional embedding is added, so shapes stay static (XLA). Inference
+            is unchanged. 0: off.
 
     Call arguments:
         images: float `(batch, image_size, image_size, 3)`, normalised, channels last.
+        training: bool. Patch dropout applies only when True.
+        seed: optional int32 `(2,)` tensor: draw the kept patches with
+            `tf.random.stateless_uniform` from it (the same seed keeps the same
+            patches, as gradient caching's two passes need); None: stateful random.
 
     Returns:
         `(batch, embed_dim)` image features (not normalised).
@@ -53,9 +63,16 @@ class CLIPVisionTransformer(keras.layers.Layer):
         intermediate_dim=3072,
         activation="quick_gelu",
         layer_norm_epsilon=1e-5,
+        patch_dropout=0.0,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        # Training setting, not config: `CLIP.compile(remat=True)` sets it.
+        self.remat = False
+        if not 0.0 <= patch_dropout < 1.0:
+            raise ValueError(
+                f"`patch_dropout` must be in [0, 1). Received: patch_dropout={patch_dropout}"
+            )
         if patch_size <= 0 or image_size % patch_size:
             raise ValueError(
                 "`patch_size` must be positive and divide `image_size`. "
@@ -71,6 +88,9 @@ class CLIPVisionTransformer(keras.layers.Layer):
         self.activation = activation
         self.layer_norm_epsilon = layer_norm_epsilon
         self.grid_size = image_size // patch_size
+        self.patch_dropout = patch_dropout
+        num_patches = self.grid_size**2
+        self.num_kept_patches = max(1, int(num_patches * (1.0 - patch_dropout)))
 
         self.conv1 = keras.layers.Conv2D(
             hidden_dim, patch_size, strides=patch_size, use_bias=False, name="conv1",
@@ -108,7 +128,17 @@ class CLIPVisionTransformer(keras.layers.Layer):
             initializer=keras.initializers.RandomNormal(stddev=scale),
         )
 
-    def call(self, images):
+    def patch_keep_indices(self, batch, seed=None):
+        """`(batch, num_kept_patches)` int32 indices of the kept patches, ascending.
+
+        A uniformly random subset per image: the top-k of i.i.d. uniform scores.
+        """
+        shape = (batch, self.grid_size**2)
+        scores = (tf.random.uniform(shape) if seed is None
+                  else tf.random.stateless_uniform(shape, seed, alg="philox"))  # (B, P); XLA too
+        return tf.sort(tf.math.top_k(scores, self.num_kept_patches).indices, axis=-1)  # (B, K)
+
+    def call(self, images, training=None, seed=None):
         x = self.conv1(images)  # (B, g, g, D)
         batch = ops.shape(x)[0]
         x = ops.reshape(x, (batch, self.grid_size**2, self.hidden_dim))  # (B, g*g, D)
@@ -117,9 +147,15 @@ class CLIPVisionTransformer(keras.layers.Layer):
         )
         x = ops.concatenate([cls, x], axis=1)  # (B, g*g+1, D)
         x = x + ops.cast(self.positional_embedding, x.dtype)
+        if training and self.patch_dropout > 0:
+            kept = tf.gather(x[:, 1:], self.patch_keep_indices(batch, seed), batch_dims=1)  # (B, K, D)
+            x = ops.concatenate([x[:, :1], kept], axis=1)  # (B, K+1, D)
         x = self.ln_pre(x)
         for block in self.resblocks:
-            x = block(x)
+            if self.remat:  # keep only the block's input; recompute the rest in backward
+                x = keras.remat(lambda h, block=block: block(h))(x)
+            else:
+                x = block(x)
         x = self.ln_post(x[:, 0])  # (B, D)
         return ops.matmul(x, ops.cast(self.proj, x.dtype))  # (B, E)
 
@@ -139,6 +175,7 @@ class CLIPVisionTransformer(keras.layers.Layer):
                 "intermediate_dim": self.intermediate_dim,
                 "activation": self.activation,
                 "layer_norm_epsilon": self.layer_norm_epsilon,
+                "patch_dropout": self.patch_dropout,
             }
         )
         return config

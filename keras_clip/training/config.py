@@ -42,6 +42,18 @@ class TrainConfig:
         time_collectives_steps: after training, time the step's all-gather and
             gradient all-reduce on their own this many times each
             (`keras_clip.training.collectives`); 0 = off.
+        loss: `softmax` (CLIP) or `sigmoid` (SigLIP; recorded in the saved preset).
+        lock_image, lock_text: freeze that tower (LiT): no gradients, no optimizer
+            state, frozen batch-norm statistics (`CLIP.lock_towers`).
+        unlocked_image_blocks, unlocked_text_blocks: leave the last N blocks (and the
+            head) of a locked tower trainable.
+        gradient_cache_chunks: 1, or K > 1 for gradient caching: each replica's
+            batch is embedded and back-propagated in K chunks with the same update
+            as the plain step (activation memory of one chunk, two forward passes).
+        patch_dropout: FLIP patch dropout of the ViT image tower in training (0: off;
+            recorded in the saved preset; inference unchanged).
+        remat: rematerialise every transformer block in the backward pass (less
+            activation memory, about one more forward pass of the blocks).
     """
 
     preset: str = "clip_vit_tiny"
@@ -67,6 +79,14 @@ class TrainConfig:
     shuffle_buffer: int = 2000
     max_train_seconds: float = 0.0
     time_collectives_steps: int = 0
+    loss: str = "softmax"
+    lock_image: bool = False
+    lock_text: bool = False
+    unlocked_image_blocks: int = 0
+    unlocked_text_blocks: int = 0
+    gradient_cache_chunks: int = 1
+    patch_dropout: float = 0.0
+    remat: bool = False
 
     def validate(self):
         if self.time_collectives_steps < 0:
@@ -85,4 +105,19 @@ class TrainConfig:
             )
         if str(self.jit_compile).lower() not in ("auto", "true", "false"):
             raise ValueError(f"`jit_compile` must be auto, true or false. Received: {self.jit_compile!r}")
+        if self.loss not in ("softmax", "sigmoid"):
+            raise ValueError(f"`loss` must be softmax or sigmoid. Received: loss={self.loss!r}")
+        if not 0.0 <= self.patch_dropout < 1.0:
+            raise ValueError(f"`patch_dropout` must be in [0, 1). Received: patch_dropout={self.patch_dropout}")
+        if self.gradient_cache_chunks < 1 or self.global_batch_size % self.gradient_cache_chunks:
+            raise ValueError(
+                "`gradient_cache_chunks` must be >= 1 and divide `global_batch_size`. "
+                f"Received: gradient_cache_chunks={self.gradient_cache_chunks}, "
+                f"global_batch_size={self.global_batch_size}"
+            )
+        for name, lock in (("unlocked_image_blocks", self.lock_image),
+                           ("unlocked_text_blocks", self.lock_text)):
+            if getattr(self, name) < 0 or (getattr(self, name) and not lock):
+                raise ValueError(f"`{name}` must be >= 0 and needs its tower locked. "
+                                 f"Received: {name}={getattr(self, name)}")
         return self

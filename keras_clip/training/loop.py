@@ -210,13 +210,20 @@ def evaluate_demo_zero_shot(model, model_dir):
 
 def build_model_and_optimizer(config, total_steps):
     """The CLIP and its AdamW, created in the current strategy scope."""
-    model = CLIP.from_preset(config.preset, dtype=config.precision)
+    overrides = {"loss": "sigmoid"} if config.loss == "sigmoid" else {}
+    if config.patch_dropout:
+        overrides["vision_patch_dropout"] = config.patch_dropout
+    model = CLIP.from_preset(config.preset, dtype=config.precision, **overrides)
+    if config.lock_image or config.lock_text:  # before the optimizer sees the variables
+        model.lock_towers(config.lock_image, config.lock_text,
+                          config.unlocked_image_blocks, config.unlocked_text_blocks)
     schedule = WarmupCosineDecay(config.learning_rate, config.warmup_steps, total_steps)
     optimizer = create_optimizer(model, schedule, weight_decay=config.weight_decay,
                                  clipnorm=config.clipnorm, decay_embeddings=config.decay_embeddings)
     if config.precision == "mixed_float16":
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-    model.compile(optimizer=optimizer, jit_compile=_jit_enabled(config.jit_compile))
+    model.compile(optimizer=optimizer, jit_compile=_jit_enabled(config.jit_compile),
+                  gradient_cache_chunks=config.gradient_cache_chunks, remat=config.remat)
     optimizer.build(model.trainable_variables)
     return model, optimizer
 
