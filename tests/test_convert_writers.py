@@ -333,3 +333,42 @@ def test_command_line_converts_a_preset_folder(vit_model, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     _assert_identical_weights(vit_model, CLIP.from_preset(str(output)))
+
+
+# -- sigmoid (SigLIP-loss) models ----------------------------------------------------
+
+
+def test_sigmoid_model_keeps_its_logit_bias_in_open_clip_and_openai_files(photos, open_clip_module, tmp_path):
+    import torch
+
+    model = _perturbed_clip(dict(VIT, loss="sigmoid"), seed=5)
+    bias = float(model.logit_bias.bias.numpy())
+    assert bias != -10.0  # perturbed, so a default cannot pass for the written value
+    folder = tmp_path / "open_clip"
+    model.save_checkpoint(folder, format="open_clip")
+    reference, _, preprocess = open_clip_module.create_model_and_transforms(f"local-dir:{folder}")
+    reference.eval()
+    assert float(reference.logit_bias.detach()) == bias
+
+    pixels, tokens, _, _ = _keras_clip_embeddings(model, photos)
+    with torch.no_grad():  # open_clip's forward: features, exp(logit_scale), logit_bias
+        image_features, text_features, scale, ref_bias = reference(
+            torch.from_numpy(pixels).permute(0, 3, 1, 2), torch.from_numpy(tokens))
+    expected = float(scale.detach()) * image_features.numpy() @ text_features.numpy().T + float(ref_bias.detach())
+    logits = np.asarray(model({"images": pixels, "token_ids": tokens})["logits_per_image"])
+    np.testing.assert_allclose(logits, expected, atol=1e-4)
+
+    for reread in (CLIP.from_preset(str(folder)), None):
+        if reread is None:
+            path = tmp_path / "model.safetensors"
+            model.save_checkpoint(path, format="openai")
+            reread = CLIP.from_preset(str(path))
+        assert reread.contrastive_loss == "sigmoid"
+        _assert_identical_weights(model, reread)
+
+
+@pytest.mark.parametrize("format", ["hf", "keras_hub"])
+def test_sigmoid_model_is_refused_where_the_format_has_no_bias(format, tmp_path):
+    model = CLIP(**dict(VIT, loss="sigmoid"))
+    with pytest.raises(ValueError, match=r"no `logit_bias`.*Received: loss='sigmoid'"):
+        model.save_checkpoint(tmp_path / "out", format=format)

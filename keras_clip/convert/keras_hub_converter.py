@@ -33,6 +33,11 @@ def import_keras_hub():
 
 
 def _check_convertible(model):
+    if model.contrastive_loss == "sigmoid":
+        raise ValueError(
+            "keras-hub's CLIPBackbone has no `logit_bias`, so a model trained with the "
+            "sigmoid loss cannot be converted; write format='open_clip' or 'openai'. "
+            f"Received: loss={model.contrastive_loss!r}")
     if model.vision_architecture != "vit":
         raise ValueError(
             "keras-hub's CLIPBackbone has a ViT image tower only; it cannot hold a "

@@ -278,6 +278,13 @@ def config_from_state_dict(sd, text_num_heads=None, vision_num_heads=None):
                 f"temperature); Received: shape {value.shape}"
             )
         config["initial_logit_scale"] = float(math.exp(float(value.reshape(()))))
+    if "logit_bias" in sd:  # trained with the sigmoid (SigLIP) loss, as open_clip writes it
+        bias = np.asarray(sd["logit_bias"], dtype=np.float64)
+        if bias.size != 1 or not np.isfinite(bias).all():
+            raise CheckpointError(
+                "Unsupported checkpoint: `logit_bias` must be one finite number; "
+                f"Received: shape {bias.shape}")
+        config.update(loss="sigmoid", initial_logit_bias=float(bias.reshape(())))
     return config
 
 
@@ -329,9 +336,11 @@ def visit_layout(model, visitor, logit_scale=True):
         visitor.block(block, f"transformer.resblocks.{i}")
     visitor.layer_norm(text.ln_final, "ln_final")
     visitor(text.text_projection, "text_projection")
+    reshape = lambda v: np.reshape(v, ())  # noqa: E731 - a 0-d tensor both ways
     if logit_scale:
-        reshape = lambda v: np.reshape(v, ())  # noqa: E731 - a 0-d tensor both ways
         visitor(model.logit_scale.log_scale, "logit_scale", reshape, reshape)
+    if model.logit_bias is not None:  # sigmoid loss; open_clip's SigLIP-style `logit_bias`
+        visitor(model.logit_bias.bias, "logit_bias", reshape, reshape)
 
     visual = model.visual
     if model.vision_architecture == "vit":

@@ -84,8 +84,13 @@ def state_dict_from_model(model):
     return collector.sd
 
 
-def _check_representable(model, target, hf=False):
+def _check_representable(model, target, hf=False, bias=True):
     """Raises for settings the target format cannot record (outputs would differ)."""
+    if not bias and model.contrastive_loss == "sigmoid":
+        raise ValueError(
+            f"{target} CLIP models have no `logit_bias`, so a model trained with the sigmoid "
+            "loss cannot be written as one; write format='open_clip' or 'openai'. "
+            f"Received: loss={model.contrastive_loss!r}")
     if not hf and model.layer_norm_epsilon != 1e-5:
         raise ValueError(
             f"{target} models use LayerNorm epsilon 1e-5 and cannot record another value. "
@@ -167,6 +172,8 @@ def open_clip_model_config(model):
     config = {"embed_dim": model.embed_dim}
     if model.activation == "quick_gelu":
         config["quick_gelu"] = True
+    if model.contrastive_loss == "sigmoid":  # open_clip's CLIP then has a `logit_bias`
+        config["init_logit_bias"] = float(model.logit_bias.bias.numpy())
     config.update(vision_cfg=vision, text_cfg=text)
     return config
 
@@ -180,7 +187,7 @@ def open_clip_name(model):
     from keras_clip import presets
 
     config = model.get_config()
-    for preset, name in _OPEN_CLIP_NAMES.items():
+    for preset, name in (_OPEN_CLIP_NAMES.items() if model.contrastive_loss == "softmax" else ()):
         kwargs = presets.ARCHITECTURES[preset][2]
         if all(config.get(k) == (list(v) if isinstance(v, tuple) else v) for k, v in kwargs.items()) and (
             config["vision_intermediate_dim"] in (None, 4 * config["vision_hidden_dim"])
@@ -195,6 +202,7 @@ def open_clip_name(model):
     return (
         f"keras_clip-{vision}-{model.image_size}px-e{model.embed_dim}"
         f"{'-quickgelu' if model.activation == 'quick_gelu' else ''}"
+        f"{'-sigmoid' if model.contrastive_loss == 'sigmoid' else ''}"
     )
 
 
@@ -377,7 +385,7 @@ def write_hf(model, folder):
             "tower (its CLIPModel is ViT-only); write format='open_clip' or 'openai' "
             f"instead. Received: vision_architecture={model.vision_architecture!r}"
         )
-    _check_representable(model, "Hugging Face", hf=True)
+    _check_representable(model, "Hugging Face", hf=True, bias=False)
     os.makedirs(folder, exist_ok=True)
     files = {}
     files["weights"] = os.path.join(folder, HF_WEIGHTS)
