@@ -42,6 +42,8 @@ setup(
         "keras>=3.10,<4",
         "tensorflow-datasets>=4.9",
         "absl-py>=2.0",
+        # tf.summary (training's TensorBoard logs) needs it; tensorflow does not install it.
+        "tensorboard>=2.20",
         "numpy>=1.26",
         "grpcio>=1.60",  # serving/ client and local PredictionService
         "protobuf>=4.25",  # TF Serving request/response messages
