@@ -48,16 +48,7 @@ def clip_loss(local_image, local_text, all_image, all_text, logit_scale, label_o
         tf.reduce_mean(ce(labels, logits_per_image, from_logits=True))
         + tf.reduce_mean(ce(labels, logits_per_text, from_logits=True))
     )
-    hit = lambda logits: tf.reduce_mean(  # noqa: E731
-        tf.cast(tf.equal(tf.argmax(logits, axis=-1, output_type=labels.dtype), labels), tf.float32)
-    )
-    return {
-        "loss": loss,
-        "image_to_text_accuracy": hit(logits_per_image),
-        "text_to_image_accuracy": hit(logits_per_text),
-        "logits_per_image": logits_per_image,
-        "logits_per_text": logits_per_text,
-    }
+    return _step_outputs(loss, logits_per_image, logits_per_text, labels)
 
 
 def sigmoid_loss(local_image, local_text, all_image, all_text, logit_scale, logit_bias,
@@ -95,9 +86,15 @@ def sigmoid_loss(local_image, local_text, all_image, all_text, logit_scale, logi
     loss = -tf.reduce_mean(tf.reduce_sum(tf.math.log_sigmoid(signs * logits_per_image), axis=1))
     logits_per_text = scale * tf.cast(
         tf.matmul(local_text, tf.stop_gradient(all_image), transpose_b=True), tf.float32) + bias
-    hit = lambda logits: tf.reduce_mean(  # noqa: E731
-        tf.cast(tf.equal(tf.argmax(logits, axis=-1, output_type=labels.dtype), labels), tf.float32)
-    )
+    return _step_outputs(loss, logits_per_image, logits_per_text, labels)
+
+
+def _step_outputs(loss, logits_per_image, logits_per_text, labels):
+    """The loss with the retrieval accuracies of this replica's rows and both logits."""
+    def hit(logits):  # fraction of rows whose positive column is the arg-max
+        predicted = tf.argmax(logits, axis=-1, output_type=labels.dtype)
+        return tf.reduce_mean(tf.cast(tf.equal(predicted, labels), tf.float32))
+
     return {
         "loss": loss,
         "image_to_text_accuracy": hit(logits_per_image),

@@ -68,6 +68,24 @@ def tiny_clip(seed=0, **overrides):
     return CLIP(**dict(TINY_VIT, **overrides))
 
 
+def unit_rows(rng, n, d):
+    """`(n, d)` float32 rows of unit norm (features as the towers return them)."""
+    x = rng.normal(size=(n, d)).astype("float32")
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def small_vocab_batch(n, seed=0):
+    """A `{"images", "token_ids"}` batch for `TINY_VIT_SMALL_VOCAB`: random pixels and
+    token ids with the end token (499) at varying positions, zeros after it."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(1, 499, size=(n, 12))
+    for i in range(n):
+        tokens[i, 2 + i % 9] = 499
+        tokens[i, 3 + i % 9:] = 0
+    return {"images": rng.normal(size=(n, 32, 32, 3)).astype("float32"),
+            "token_ids": tokens.astype("int32")}
+
+
 # ---------------------------------------------------------------------------
 # Reference: OpenAI's image transform with PIL and numpy
 # ---------------------------------------------------------------------------

@@ -18,19 +18,10 @@ SCRIPTS = pathlib.Path(__file__).parent / "scripts"
 TINY = harness.TINY_VIT_SMALL_VOCAB
 
 
-def _normalised(rng, n, d):
-    x = rng.normal(size=(n, d)).astype("float32")
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
+_normalised = harness.unit_rows
 
 
-def _batch(n, seed=0):
-    rng = np.random.default_rng(seed)
-    tokens = rng.integers(1, 499, size=(n, 12))
-    for i in range(n):
-        tokens[i, 2 + i % 9] = 499
-        tokens[i, 3 + i % 9:] = 0
-    return {"images": rng.normal(size=(n, 32, 32, 3)).astype("float32"),
-            "token_ids": tokens.astype("int32")}
+_batch = harness.small_vocab_batch
 
 
 # One subprocess (2 logical CPUs) for every 1-replica-vs-2-replicas comparison: TF's

@@ -18,9 +18,7 @@ SCRIPTS = pathlib.Path(__file__).parent / "scripts"
 TINY = harness.TINY_VIT_SMALL_VOCAB
 
 
-def _normalised(rng, n, d):
-    x = rng.normal(size=(n, d)).astype("float32")
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
+_normalised = harness.unit_rows
 
 
 def _numpy_clip_loss(image, text, scale):
@@ -31,14 +29,7 @@ def _numpy_clip_loss(image, text, scale):
     return 0.5 * (ce(logits) + ce(logits.T))
 
 
-def _batch(n, seed=0):
-    rng = np.random.default_rng(seed)
-    tokens = rng.integers(1, 499, size=(n, 12))
-    for i in range(n):
-        tokens[i, 2 + i % 9] = 499
-        tokens[i, 3 + i % 9:] = 0
-    return {"images": rng.normal(size=(n, 32, 32, 3)).astype("float32"),
-            "token_ids": tokens.astype("int32")}
+_batch = harness.small_vocab_batch
 
 
 def test_loss_matches_numpy_reference():
