@@ -52,16 +52,18 @@ def test_local_rows_with_offset_average_to_global_loss():
 
 
 def test_two_replicas_match_one_replica_holding_the_global_batch():
-    result = subprocess.run([sys.executable, str(SCRIPTS / "replica_equivalence.py")],
+    two_layers = {"vision_num_layers": 2, "text_num_layers": 2}
+    modes = [{"replicas": 1, "model": two_layers}, {"replicas": 2, "model": two_layers}]
+    result = subprocess.run([sys.executable, str(SCRIPTS / "step_equivalence.py"), json.dumps(modes)],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    figures = json.loads(result.stdout.strip().splitlines()[-1])
-    assert figures["loss_1"] == pytest.approx(figures["loss_2"], rel=1e-5)
-    assert figures["max_grad"] > 1e-2  # the step really moved the weights
-    assert figures["max_grad_diff"] <= 1e-5
+    one, two = json.loads(result.stdout.strip().splitlines()[-1])["modes"]
+    assert one["loss"] == pytest.approx(two["loss"], rel=1e-5)
+    assert two["max_grad"] > 1e-2  # the step really moved the weights
+    assert two["max_grad_diff"] <= 1e-5
     # Global negatives: each of 2 replicas scores its 4 rows against all 8 columns.
-    assert figures["logits_shapes_1"] == [[8, 8]]
-    assert figures["logits_shapes_2"] == [[4, 8], [4, 8]]
+    assert one["logits_shapes"] == [[8, 8]]
+    assert two["logits_shapes"] == [[4, 8], [4, 8]]
 
 
 def test_fit_history_reports_the_true_loss():
