@@ -23,6 +23,7 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from tests import harness  # noqa: E402
 from tests.reference import import_open_clip  # noqa: E402
 
 
@@ -40,19 +41,6 @@ def _inputs(args):
               for i in range(args.count)]
     captions = [f"a photo of {n} dogs playing in the snow" for n in range(args.count)]
     return images, captions, "generated"
-
-
-def _perturb(model, seed=1):
-    rng = np.random.default_rng(seed)
-    for variable in model.weights:
-        value = variable.numpy()
-        if "moving_variance" in variable.path:
-            value = 0.5 + rng.random(value.shape)
-        elif "log_scale" in variable.path:
-            value = np.full(value.shape, np.log(20.0))
-        else:
-            value = value + 0.1 * max(float(value.std()), 0.02) * rng.standard_normal(value.shape)
-        variable.assign(value.astype(np.float32))
 
 
 def _max_weight_diff(a, b):
@@ -78,7 +66,7 @@ def main():
     rows = []
     for preset, name in [("clip_rn50", "RN50"), ("clip_vit_b32", "ViT-B/32")]:
         model = CLIP.from_preset(preset, load_weights=False)
-        _perturb(model)
+        harness.perturb_weights(model, seed=1)
         pixels = np.stack([np.asarray(model.image_preprocessor()(np.asarray(i)[None]))[0] for i in images])
         tokens = np.asarray(keras_clip.tokenize(captions))
         image = np.asarray(model.encode_image(pixels))

@@ -67,6 +67,22 @@ def tiny_clip(seed=0, **overrides):
     return CLIP(**dict(TINY_VIT, **overrides))
 
 
+def perturb_weights(model, seed=0):
+    """Moves every variable of a keras_clip `CLIP` off its initial value (LayerNorm gains,
+    biases, BatchNorm statistics...), so a misplaced or transposed tensor shows."""
+    rng = np.random.default_rng(seed)
+    for variable in model.weights:
+        value = variable.numpy()
+        if "moving_variance" in variable.path:
+            value = 0.5 + rng.random(value.shape)
+        elif "log_scale" in variable.path:
+            value = np.full(value.shape, np.log(20.0))
+        else:
+            value = value + 0.1 * max(float(value.std()), 0.02) * rng.standard_normal(value.shape)
+        variable.assign(value.astype(np.float32))
+    return model
+
+
 def unit_rows(rng, n, d):
     """`(n, d)` float32 rows of unit norm (features as the towers return them)."""
     x = rng.normal(size=(n, d)).astype("float32")

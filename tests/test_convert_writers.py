@@ -34,18 +34,7 @@ def _perturbed_clip(config, seed=0):
     """A CLIP whose every variable is moved off its initial value (LayerNorm gains,
     biases, BatchNorm statistics...), so a misplaced or transposed tensor shows."""
     keras.utils.set_random_seed(seed)
-    model = CLIP(**config)
-    rng = np.random.default_rng(seed)
-    for variable in model.weights:
-        value = variable.numpy()
-        if "moving_variance" in variable.path:
-            value = 0.5 + rng.random(value.shape)
-        elif "log_scale" in variable.path:
-            value = np.full(value.shape, np.log(20.0))
-        else:
-            value = value + 0.1 * max(float(value.std()), 0.02) * rng.standard_normal(value.shape)
-        variable.assign(value.astype(np.float32))
-    return model
+    return harness.perturb_weights(CLIP(**config), seed)
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))
