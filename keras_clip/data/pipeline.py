@@ -16,10 +16,11 @@ stages, with no Python in the per-example path:
          deal blocks out to the pipelines, drop positions < skip_records
       -> parse, pick a caption, drop blank captions and non-images  (in order)
       -> number the records consecutively, then one sentinel record
-      -> decode + augment (training) or CLIPImagePreprocessor (eval)
-         (parallel, order-preserving)
+      -> read the header's size (too large: not decoded), decode + augment
+         (training) or CLIPImagePreprocessor (eval)  (parallel, order-preserving)
       -> ignore_errors()  (drops images that fail to decode)
-      -> count the gaps in the numbering as decode failures, drop the sentinel
+      -> count the gaps in the numbering as decode failures and the images
+         too large to decode, drop both and the sentinel
       -> [repeat] raise if a whole pass (marker to marker) held no usable example
       -> batch -> tokenize (CLIPTokenizer, on the batch) -> prefetch
 
@@ -399,16 +400,13 @@ def _build_pipeline(
         image_bytes, captions, key = extract(record)
         caption, has_caption = _choose_caption(tf.reshape(captions, [-1]), caption_seed, training)
         is_image = looks_like_image(image_bytes)
-        # Training crops before resizing, so only the declared size matters there.
-        too_large = has_caption & is_image & preprocessor.is_too_large(image_bytes, check_resize=not training)
         updates = [
             _add(counters, "records_read", 1),
             _add(counters, "empty_captions", tf.cast(~has_caption, tf.int64)),
             _add(counters, "not_images", tf.cast(has_caption & ~is_image, tf.int64)),
-            _add(counters, "too_large", tf.cast(too_large, tf.int64)),
         ]
         with tf.control_dependencies(updates):
-            keep = tf.identity(has_caption & is_image & ~too_large)
+            keep = tf.identity(has_caption & is_image)
         return {"image_bytes": image_bytes, "caption": caption, "key": key, "seed": crop_seed, "keep": keep}
 
     def to_decode(example):
@@ -430,20 +428,34 @@ def _build_pipeline(
         return next_index + 1, (next_index, example)
 
     def decode(index, example):
-        if training:
-            image = augment.train_transform(example["image_bytes"], example["seed"], preprocessor, scale=scale)
-        else:
-            image = preprocessor(example["image_bytes"])
-        decoded = {"images": image, "captions": example["caption"], "keys": example["key"],
-                   "positions": example["position"], "pass_records": example["pass_records"]}
-        return index, example["sentinel"], decoded
+        image_bytes = example["image_bytes"]
+        # The size check shares the decoder's stage: libjpeg's header reader is
+        # several times cheaper than walking JPEG segments in-graph, and a header
+        # it cannot read would fail decoding (a counted gap) anyway. Training
+        # crops before resizing, so only the declared size matters there.
+        too_large = preprocessor.is_too_large(
+            image_bytes, check_resize=not training, jpeg_header_reader="libjpeg"
+        )
+
+        def transform():
+            if training:
+                return augment.train_transform(image_bytes, example["seed"], preprocessor, scale=scale)
+            return preprocessor(image_bytes)
+
+        image = tf.cond(too_large, lambda: tf.zeros([image_size, image_size, 3], tf.float32), transform)
+        decoded = {"images": tf.ensure_shape(image, [image_size, image_size, 3]), "captions": example["caption"],
+                   "keys": example["key"], "positions": example["position"],
+                   "pass_records": example["pass_records"]}
+        return index, example["sentinel"], too_large, decoded
 
     def count_gaps(last_index, element):
-        index, is_sentinel, decoded = element
+        index, is_sentinel, too_large, decoded = element
         # Numbers last_index + 1 .. index - 1 failed to decode.
-        with tf.control_dependencies([_add(counters, "decode_failures", index - last_index - 1)]):
+        updates = [_add(counters, "decode_failures", index - last_index - 1),
+                   _add(counters, "too_large", tf.cast(too_large, tf.int64))]
+        with tf.control_dependencies(updates):
             is_sentinel = tf.identity(is_sentinel)
-        return index, (is_sentinel, decoded)
+        return index, (is_sentinel, too_large, decoded)
 
     def tokenize(batch):
         token_ids = tokenizer(batch["captions"])  # (B, T)
@@ -476,6 +488,8 @@ def _build_pipeline(
     dataset = dataset.map(decode, **in_order)
     dataset = dataset.ignore_errors()
     dataset = dataset.scan(tf.constant(-1, tf.int64), count_gaps)
+    dataset = dataset.filter(lambda is_sentinel, too_large, decoded: ~too_large)
+    dataset = dataset.map(lambda is_sentinel, too_large, decoded: (is_sentinel, decoded))
     if repeat:
         dataset = dataset.scan((tf.constant(0, tf.int64), tf.constant(skip_records == 0)), check_pass)
     dataset = dataset.filter(lambda is_sentinel, decoded: ~is_sentinel)
