@@ -46,7 +46,7 @@ def export_tiny(base):
     import keras
 
     import keras_clip
-    from export.saved_model import export_saved_model
+    from keras_clip.export.saved_model import export_saved_model
 
     keras.utils.set_random_seed(0)
     model = keras_clip.CLIP(
@@ -89,7 +89,7 @@ def compare_throughput(client, throughput, base):
     server, measured in alternating rounds so both see the same machine load."""
     import numpy as np
 
-    from serving.client import CLIPClient
+    from keras_clip.serving.client import CLIPClient
 
     process, target = start_server(FLAGS.baseline_script, base)
     baseline = CLIPClient(target, timeout=FLAGS.timeout, max_attempts=1, batch_size=1024)
@@ -117,8 +117,8 @@ def main(argv):
     import tensorflow as tf
     from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
-    from serving import protocol
-    from serving.client import ClientError, CLIPClient
+    from keras_clip.serving import protocol
+    from keras_clip.serving.client import ClientError, CLIPClient
 
     workdir = tempfile.mkdtemp(prefix="hostile_requests_")
     base = FLAGS.export_dir

@@ -52,7 +52,7 @@ def _export_tiny(base):
     import keras
 
     import keras_clip
-    from export.saved_model import export_saved_model
+    from keras_clip.export.saved_model import export_saved_model
 
     keras.utils.set_random_seed(0)
     model = keras_clip.CLIP(
@@ -107,7 +107,7 @@ def _run_load(client, jobs, num_clients):
 
 def main(argv):
     del argv
-    from serving.client import ClientError, CLIPClient
+    from keras_clip.serving.client import ClientError, CLIPClient
 
     images, captions = _samples(FLAGS.flickr8k_dir)
     tmp = tempfile.TemporaryDirectory()

@@ -1,4 +1,4 @@
-"""Exports a CLIP preset as a TF Serving SavedModel (see `export/saved_model.py`).
+"""Exports a CLIP preset as a TF Serving SavedModel (see `keras_clip.export`).
 
     python export/export.py --preset clip_vit_tiny --export_dir /models/clip --version 1 \
         --labels labels.txt --templates imagenet
@@ -9,12 +9,10 @@ Writes `<export_dir>/<version>/` (SavedModel with the `encode_image`, `encode_te
 `tensorflow_model_server --model_config_file=... --enable_batching
 --batching_parameters_file=...`.
 """
-import os
-import sys
-
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import keras_clip
+from keras_clip.export import export_saved_model, read_labels
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("preset", "clip_vit_tiny", "Preset name or path accepted by CLIP.from_preset.")
@@ -35,9 +33,6 @@ flags.mark_flag_as_required("export_dir")
 
 def main(argv):
     del argv
-    import keras_clip
-    from export.saved_model import export_saved_model, read_labels
-
     overrides = {}
     if FLAGS.max_image_pixels is not None:
         overrides["max_image_pixels"] = FLAGS.max_image_pixels

@@ -11,6 +11,8 @@ open_clip's `build_zero_shot_classifier` do (tests check parity to 1e-5).
 Class names and OpenAI's templates for ImageNet, CIFAR, Food-101, ... ship with
 the package: see `keras_clip.zero_shot_data.load_dataset_prompts`.
 """
+import os
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -18,6 +20,59 @@ from absl import logging
 from keras import ops
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
+
+
+def resolve_templates(templates):
+    """Prompt templates from None, a sequence, a text file or a shipped dataset name.
+
+    Args:
+        templates: None or "" (the default single template `"a photo of a {}."`),
+            a sequence of templates (returned as a list), a path to a UTF-8 text
+            file (one template per non-blank line), or a
+            `keras_clip.zero_shot_data` dataset name (`"imagenet"`, `"cifar10"`).
+
+    Returns:
+        list of templates.
+    """
+    if templates is None or (isinstance(templates, str) and not templates):
+        return list(DEFAULT_TEMPLATES)
+    if not isinstance(templates, str):
+        return list(templates)
+    if os.path.isfile(templates):
+        with open(templates, encoding="utf-8") as f:
+            return [line.rstrip("\n") for line in f if line.strip()]
+    from keras_clip.zero_shot_data import load_dataset_prompts
+
+    return load_dataset_prompts(templates)[1]
+
+
+def class_logits(clip_model, image_embeddings, class_embeddings):
+    """Zero-shot logits: `logit_scale * image_embeddings @ class_embeddings.T` (float32).
+
+    The one definition of the classification head, used by `ZeroShotClassifier`
+    and the exported `classify` signature. For a model trained with the sigmoid
+    loss the learned bias is added (the sigmoid's input; a softmax over the
+    classes is unchanged by it).
+
+    Args:
+        clip_model: a `keras_clip.CLIP`.
+        image_embeddings: float `(B, E)`, unit norm.
+        class_embeddings: float32 `(C, E)`, unit-norm rows.
+
+    Returns:
+        float32 logits `(B, C)`.
+    """
+    image_embeddings = ops.cast(image_embeddings, "float32")  # (B, E)
+    scale = ops.cast(clip_model.logit_scale(), "float32")
+    logits = scale * ops.matmul(image_embeddings, ops.transpose(class_embeddings))  # (B, C)
+    if uses_sigmoid_loss(clip_model):
+        logits = logits + ops.cast(clip_model.logit_bias(), "float32")
+    return logits
+
+
+def uses_sigmoid_loss(clip_model):
+    """Whether `clip_model` was trained with the sigmoid (SigLIP) loss."""
+    return getattr(clip_model, "contrastive_loss", "softmax") == "sigmoid"
 
 
 def fill_templates(class_names, templates):
@@ -205,16 +260,11 @@ class ZeroShotClassifier(keras.Model):
         image_embeddings = self.clip_model.encode_image(
             self._preprocess(images), training=training
         )  # (B, E), unit norm
-        image_embeddings = ops.cast(image_embeddings, "float32")
-        scale = ops.cast(self.clip_model.logit_scale(), "float32")
-        logits = scale * ops.matmul(image_embeddings, ops.transpose(self.class_embeddings))
-        if getattr(self.clip_model, "contrastive_loss", "softmax") == "sigmoid":
-            logits = logits + ops.cast(self.clip_model.logit_bias(), "float32")
-        return logits  # (B, C)
+        return class_logits(self.clip_model, image_embeddings, self.class_embeddings)  # (B, C)
 
     def call(self, images, training=False):
         logits = self.compute_logits(images, training=training)  # (B, C)
-        if getattr(self.clip_model, "contrastive_loss", "softmax") == "sigmoid":
+        if uses_sigmoid_loss(self.clip_model):
             # SigLIP: each class is an independent yes/no; rows need not sum to 1.
             return ops.sigmoid(logits)
         return ops.softmax(logits, axis=-1)

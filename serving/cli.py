@@ -1,4 +1,4 @@
-"""Command line over `serving/client.py`; prints JSON.
+"""Command line over `keras_clip.serving.client`; prints JSON.
 
     python serving/cli.py --server localhost:8500 status
     python serving/cli.py --server localhost:8500 metadata
@@ -10,12 +10,12 @@
 Exits with status 1 and the server's status code and message on a failed call.
 """
 import json
-import os
 import sys
 
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from keras_clip.serving import protocol
+from keras_clip.serving.client import ClientError, CLIPClient
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("server", "127.0.0.1:8500", "host:port of TF Serving or local_server.py.")
@@ -30,7 +30,8 @@ flags.DEFINE_string("tls_client_cert", None, "PEM client certificate (mutual TLS
 flags.DEFINE_string("tls_server_name", None, "Name to check the server certificate against.")
 flags.DEFINE_multi_string("texts", [], "Texts for `similarity`.")
 
-COMMANDS = ("status", "metadata", "encode_image", "encode_text", "classify", "similarity")
+COMMANDS = ("status", "metadata", protocol.ENCODE_IMAGE, protocol.ENCODE_TEXT, protocol.CLASSIFY,
+            protocol.SIMILARITY)
 
 
 def run(client, command, args, texts=()):
@@ -48,17 +49,18 @@ def run(client, command, args, texts=()):
         return client.status()
     if command == "metadata":
         return client.metadata()
-    if command == "encode_image":
+    if command == protocol.ENCODE_IMAGE:
         return client.encode_image(read(args)).tolist()
-    if command == "encode_text":
+    if command == protocol.ENCODE_TEXT:
         return client.encode_text(list(args)).tolist()
-    if command == "classify":
+    if command == protocol.CLASSIFY:
         result = client.classify(read(args))
         return [
-            {"file": path, "top_labels": labels, "top_scores": scores.tolist()}
-            for path, labels, scores in zip(args, result["top_labels"], result["top_scores"])
+            {"file": path, protocol.TOP_LABELS: labels, protocol.TOP_SCORES: scores.tolist()}
+            for path, labels, scores in zip(args, result[protocol.TOP_LABELS],
+                                            result[protocol.TOP_SCORES])
         ]
-    if command == "similarity":
+    if command == protocol.SIMILARITY:
         return client.similarity(read(args), list(texts)).tolist()
     raise app.UsageError(f"Unknown command {command!r}; expected one of {COMMANDS}.")
 
@@ -66,8 +68,6 @@ def run(client, command, args, texts=()):
 def main(argv):
     if len(argv) < 2:
         raise app.UsageError(f"Give a command: one of {COMMANDS}.")
-    from serving.client import ClientError, CLIPClient
-
     with CLIPClient(FLAGS.server, FLAGS.model_name, FLAGS.version, FLAGS.timeout,
                     batch_size=FLAGS.batch_size, max_attempts=FLAGS.max_attempts,
                     root_certificates=FLAGS.tls_root_certs, private_key=FLAGS.tls_client_key,

@@ -12,8 +12,8 @@ import pytest
 import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
-from serving import protocol
-from serving.client import ClientError, CLIPClient
+from keras_clip.serving import protocol
+from keras_clip.serving.client import ClientError, CLIPClient
 
 
 class FakePrediction(prediction_service_pb2_grpc.PredictionServiceServicer):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from export import saved_model as export_lib
+from keras_clip.export import saved_model as export_lib
 from keras_clip.preprocessing.tokenizer import CLIPTokenizer
 from keras_clip.zero_shot import ZeroShotClassifier
 from tests import harness

@@ -4,7 +4,7 @@ import os
 import pytest
 import tensorflow as tf
 
-from export import saved_model as export_lib
+from keras_clip.export import saved_model as export_lib
 from tests.test_export import tiny_clip
 
 LABELS = ["dog", "cat"]

@@ -386,7 +386,7 @@ def test_limit_round_trips_through_preset(tmp_path):
 
 
 def test_export_refuses_bomb_and_then_serves_the_same_embedding(tmp_path, good_images):
-    from export import saved_model as export_lib
+    from keras_clip.export import saved_model as export_lib
 
     model = _tiny_clip(max_image_pixels=1_000_000)
     version_dir = export_lib.export_saved_model(model, str(tmp_path / "clip"), 1, class_names=["cat", "dog"])

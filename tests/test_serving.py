@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from serving.client import ClientError, CLIPClient
+from keras_clip.serving.client import ClientError, CLIPClient
 from tests.test_export import (REPO_ROOT, TOLERANCE, export_tiny, flickr8k_samples,
                                keras_reference)
 

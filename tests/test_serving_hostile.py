@@ -16,9 +16,9 @@ import pytest
 import tensorflow as tf
 from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
 
-from export import saved_model as export_lib
-from serving import local_server, protocol
-from serving.client import ClientError, CLIPClient
+from keras_clip.export import saved_model as export_lib
+from keras_clip.serving import local_server, protocol
+from keras_clip.serving.client import ClientError, CLIPClient
 from tests.test_export import tiny_clip
 
 LABELS = ["dog", "cat"]

@@ -20,7 +20,7 @@ from keras_clip.evaluation import linear_probe as linear_probe_lib
 from keras_clip.evaluation import template_selection
 from keras_clip.evaluation import zero_shot_eval
 from keras_clip.optional import import_optional
-from keras_clip.zero_shot import DEFAULT_TEMPLATES, build_class_embeddings
+from keras_clip.zero_shot import build_class_embeddings, resolve_templates
 
 TASKS = ("zero_shot", "retrieval", "linear_probe")
 
@@ -179,19 +179,6 @@ def write_report(task, results, output_dir):
 # ----------------------------------------------------------------------------------
 # Tasks
 # ----------------------------------------------------------------------------------
-
-def resolve_templates(templates):
-    """Templates from None (the default single template), a text file (one per
-    line) or a shipped dataset name (`keras_clip.zero_shot_data`)."""
-    if not templates:
-        return list(DEFAULT_TEMPLATES)
-    if os.path.isfile(templates):
-        with open(templates) as f:
-            return [line.rstrip("\n") for line in f if line.strip()]
-    from keras_clip.zero_shot_data import load_dataset_prompts
-
-    return load_dataset_prompts(templates)[1]
-
 
 def run_zero_shot(model, dataset, templates, select=False, selection_fraction=0.2,
                   batch_size=64, cache_dir=None, seed=0, verbose=1):

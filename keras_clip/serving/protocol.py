@@ -1,7 +1,7 @@
 """The serving protocol in one place: signature and tensor names, and the limits.
 
-`export/saved_model.py` writes SavedModels with these names, `serving/client.py`
-sends them and `serving/local_server.py` checks requests against these limits.
+`keras_clip.export` writes SavedModels with these names, `keras_clip.serving.client`
+sends them and `keras_clip.serving.local_server` checks requests against these limits.
 Nothing here imports TensorFlow.
 """
 

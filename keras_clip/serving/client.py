@@ -1,8 +1,8 @@
-"""A Python gRPC client for a CLIP model served by TF Serving (or `local_server.py`).
+"""A Python gRPC client for a CLIP model served by TF Serving (or `keras_clip.serving.local_server`).
 
 Talks TF Serving's `PredictionService` and `ModelService` protocol to the
 signatures that `export/export.py` writes (`encode_image`, `encode_text`,
-`classify`, `similarity`; names in `serving/protocol.py`).
+`classify`, `similarity`; names in `keras_clip/serving/protocol.py`).
 
 Reliability: each method call has a deadline (`timeout`, default 30 s, covering
 all its requests and retries), long lists are split into requests of at most
@@ -27,8 +27,8 @@ from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb
                                      model_service_pb2_grpc, predict_pb2,
                                      prediction_service_pb2_grpc)
 
-from serving import protocol
-from serving.protocol import DEFAULT_MAX_MESSAGE_BYTES
+from keras_clip.serving import protocol
+from keras_clip.serving.protocol import DEFAULT_MAX_MESSAGE_BYTES
 
 # Every call this client makes is idempotent (Predict on these signatures has no side
 # effects; status and metadata only read), so a call that failed with one of these
@@ -251,10 +251,10 @@ class CLIPClient:
             protocol.CLASSIFY, protocol.IMAGE_BYTES, images, timeout,
             [protocol.SCORES, protocol.TOP_LABELS, protocol.TOP_SCORES])
         return {
-            "scores": outputs[protocol.SCORES],
-            "top_labels": [[label.decode("utf-8") for label in row]
-                           for row in outputs[protocol.TOP_LABELS]],
-            "top_scores": outputs[protocol.TOP_SCORES],
+            protocol.SCORES: outputs[protocol.SCORES],
+            protocol.TOP_LABELS: [[label.decode("utf-8") for label in row]
+                                  for row in outputs[protocol.TOP_LABELS]],
+            protocol.TOP_SCORES: outputs[protocol.TOP_SCORES],
         }
 
     def similarity(self, images, texts, timeout=None):

@@ -44,8 +44,8 @@ import tensorflow as tf
 from absl import logging
 
 from keras_clip.preprocessing.tokenizer import CLIPTokenizer
-from keras_clip.zero_shot import DEFAULT_TEMPLATES, build_class_embeddings
-from serving.protocol import (CLASSIFY, DEFAULT_CLIENT_BATCH_SIZE, DEFAULT_MAX_TEXT_BYTES,
+from keras_clip.zero_shot import build_class_embeddings, class_logits, resolve_templates
+from keras_clip.serving.protocol import (CLASSIFY, DEFAULT_CLIENT_BATCH_SIZE, DEFAULT_MAX_TEXT_BYTES,
                               ENCODE_IMAGE, ENCODE_TEXT, IMAGE_BYTES, IMAGE_EMBEDDINGS,
                               LOGITS_PER_IMAGE, SCORES, SERVING_DEFAULT, SIMILARITY,
                               TEXT_EMBEDDINGS, TEXTS, TOP_LABELS, TOP_SCORES)
@@ -177,8 +177,8 @@ class CLIPServingModule(tf.Module):
 
     def _classify(self, image_bytes):
         image = self._image_embeddings(image_bytes)  # (B, D)
-        scale = tf.cast(self.model.logit_scale(), tf.float32)
-        logits = scale * tf.matmul(image, self.class_embeddings, transpose_b=True)  # (B, C)
+        logits = class_logits(self.model, image, self.class_embeddings)  # (B, C)
+        # A softmax over the labels for either loss (a sigmoid model's bias cancels).
         scores = tf.nn.softmax(logits, axis=-1)  # (B, C)
         top_scores, top_indices = tf.math.top_k(scores, k=self.top_k)  # (B, k)
         return {
@@ -208,20 +208,6 @@ def read_labels(path):
     if not labels:
         raise ValueError(f"The labels file holds no labels. Received: path={path!r}")
     return labels
-
-
-def resolve_templates(templates):
-    """Prompt templates from None, a list, a `zero_shot_data` name or a file path."""
-    if templates is None:
-        return list(DEFAULT_TEMPLATES)
-    if not isinstance(templates, str):
-        return list(templates)
-    if os.path.isfile(templates):
-        with open(templates, encoding="utf-8") as f:
-            return [line.rstrip("\n") for line in f if line.strip()]
-    from keras_clip.zero_shot_data import load_dataset_prompts
-
-    return load_dataset_prompts(templates)[1]
 
 
 def _example_image_bytes(size=32):
