@@ -49,6 +49,7 @@ from absl import logging
 
 from keras_clip.data import augment
 from keras_clip.data import shards
+from keras_clip.data.spec import TABLE, TFRECORD, DataSpec
 from keras_clip.preprocessing.image_preprocessor import OPENAI_MEAN
 from keras_clip.preprocessing.image_preprocessor import OPENAI_STD
 from keras_clip.preprocessing.image_preprocessor import CLIPImagePreprocessor
@@ -115,8 +116,8 @@ class PipelineCounters:
 
     Holds int64 `tf.Variable`s that the dataset functions increment with
     `assign_add` while the pipeline runs. Counts accumulate over every iteration
-    of every dataset given this object (call `reset()` between epochs for
-    per-epoch counts); each worker of a multi-worker job has its own.
+    of every dataset given this object (a new object starts from zero); each
+    worker of a multi-worker job has its own.
 
     * `records_read`: records that entered parsing, after `skip_records`.
     * `empty_captions`: records dropped because no caption is left after
@@ -179,12 +180,6 @@ class PipelineCounters:
     def as_dict(self):
         """The six counts as a dict of Python ints, in a fixed order."""
         return {name: int(getattr(self, name).numpy()) for name in _COUNTER_NAMES}
-
-    def reset(self):
-        """Sets every counter to zero."""
-        for name in _COUNTER_NAMES:
-            getattr(self, name).assign(0)
-
 
 def _add(counters, name, amount):
     """`counters.<name> += amount` as an op; a no-op without counters."""
@@ -729,17 +724,10 @@ def csv_dataset(
         int32 (B, T)}` (and `"keys"` with `return_keys`).
     """
     _validate(batch_size, image_size, context_length, seed, shuffle_buffer, skip_records)
-    records, counts = shards.read_caption_table(
-        os.fspath(csv_path), image_column=image_column, caption_column=caption_column, delimiter=delimiter,
-        group_by_image=group_by_image, split_column=split_column, split=split,
+    records, paths, counts, missing = read_table_records(
+        csv_path, image_root, image_column=image_column, caption_column=caption_column,
+        delimiter=delimiter, group_by_image=group_by_image, split_column=split_column, split=split,
     )
-    paths = [os.path.join(image_root, name) for _, name, _ in records]
-    exists = [tf.io.gfile.exists(path) for path in paths]
-    missing = exists.count(False)
-    if missing:
-        logging.warning("csv_dataset: %d of %d image files not found; they are skipped.", missing, len(paths))
-    records = [record for record, found in zip(records, exists) if found]
-    paths = [path for path, found in zip(paths, exists) if found]
     if not records:
         raise ValueError(f"No usable records in {csv_path} (counts: {counts}, missing images: {missing}).")
     num_pipelines, pipeline_id, per_replica_batch = _sharding(input_context, batch_size)
@@ -765,6 +753,32 @@ def csv_dataset(
         scale=scale, return_keys=return_keys, return_positions=return_positions,
         element_shards=(num_pipelines, pipeline_id), data_name=f"{len(records)} records of {csv_path}",
     )
+
+
+def read_table_records(csv_path, image_root, **table_options):
+    """The records `csv_dataset` reads from a table: `shards.read_caption_table`'s
+    records (caption grouping, blank captions removed) whose image file exists.
+
+    Args:
+        csv_path: path of the `.csv`/`.tsv` table.
+        image_root: folder the image column is relative to.
+        **table_options: `shards.read_caption_table` arguments (`image_column`,
+            `caption_column`, `delimiter`, `group_by_image`, `split_column`, `split`).
+
+    Returns:
+        `(records, paths, counts, missing)`: the kept `(key, image_name, captions)`
+        records, their image paths, the table's counts and the number of records
+        left out because their image file does not exist.
+    """
+    records, counts = shards.read_caption_table(os.fspath(csv_path), **table_options)
+    paths = [os.path.join(image_root, name) for _, name, _ in records]
+    exists = [tf.io.gfile.exists(path) for path in paths]
+    missing = exists.count(False)
+    if missing:
+        logging.warning("csv_dataset: %d of %d image files not found; they are skipped.", missing, len(paths))
+    records = [record for record, found in zip(records, exists) if found]
+    paths = [path for path, found in zip(paths, exists) if found]
+    return records, paths, counts, missing
 
 
 def _default_caption_key(name, features):
@@ -889,9 +903,10 @@ def load_image_caption_pairs(spec, image_root="", max_images=None, problems=None
     and what happened is counted in `problems`.
 
     Args:
-        spec: TFRecord pattern/list (img2dataset schema, `txts` for several captions
-            per image) or a CSV/TSV path (rows grouped by image; with `image_root`).
-        image_root: folder of the CSV's image files.
+        spec: a `DataSpec` or data string: TFRecord pattern/list (img2dataset
+            schema, `txts` for several captions per image) or a CSV/TSV path (rows
+            grouped by image; with `image_root`).
+        image_root: folder of the CSV's image files (for a data string).
         max_images: keep the first this many images (None: all).
         problems: optional dict, updated with counts of what was damaged:
             `damaged_files` (TFRecord files read up to an error),
@@ -904,8 +919,17 @@ def load_image_caption_pairs(spec, image_root="", max_images=None, problems=None
     """
     problems = {} if problems is None else problems
     images, captions = [], []
-    if str(spec).endswith((".csv", ".tsv")):
-        records, counts = shards.read_caption_table(spec)
+    if not isinstance(spec, (str, os.PathLike, DataSpec)):  # a list of TFRecord files
+        files = _resolve_files(spec)
+    else:
+        spec = DataSpec.parse(spec, image_root)
+        if spec.kind not in (TABLE, TFRECORD):
+            raise ValueError("Image-caption pairs are read from TFRecord files or a CSV/TSV "
+                             f"table. Received: spec={spec.text!r}")
+        image_root = spec.image_root
+        files = None if spec.kind == TABLE else _resolve_files(spec.path)
+    if files is None:
+        records, counts = shards.read_caption_table(spec.path)
         if counts.get("invalid_utf8_rows"):
             problems["invalid_utf8_rows"] = counts["invalid_utf8_rows"]
         for _, name, texts in records:
@@ -917,7 +941,7 @@ def load_image_caption_pairs(spec, image_root="", max_images=None, problems=None
                 break
         return images, captions
     invalid = 0
-    for path in _resolve_files(spec):
+    for path in files:
         try:
             for record in tf.data.TFRecordDataset(path):
                 image_bytes, raw_texts, _ = _parse_tfrecord(record)

@@ -195,9 +195,11 @@ def _load_idx_folder(folder, max_examples, seed):
 def _load_tfds(spec, data_dir, max_examples):
     import tensorflow_datasets as tfds
 
-    name, _, split = spec[len("tfds:"):].partition("/")
+    from keras_clip.data.spec import DataSpec
+
+    parsed = DataSpec.parse(spec, image_root=data_dir or "", default_split="test")
+    name, split = parsed.path, parsed.split
     builder = tfds.builder(name, data_dir=data_dir)
-    split = split or "test"
     if max_examples:
         split = f"{split}[:{int(max_examples)}]"
     # Labels are read in one pass without decoding images; images are decoded per batch.
