@@ -16,57 +16,21 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 from absl import app, flags, logging  # noqa: E402
 
-from keras_clip.training.config import TrainConfig  # noqa: E402
+from keras_clip.training.config import TrainConfig, help_text  # noqa: E402
 
 _DEFAULTS = TrainConfig()
-_HELP = {
-    "preset": "Model preset name or path.",
-    "train_data": "demo | TFRecord pattern | CSV/TSV | tfds:NAME[/SPLIT].",
-    "val_data": "Validation data in the same forms ('' for none).",
-    "image_root": "Folder of the CSV's image paths (or TFDS data_dir).",
-    "global_batch_size": "Pairs per step across all replicas.",
-    "epochs": "Passes over the training data (ignored if --steps > 0).",
-    "steps": "Total optimisation steps.",
-    "learning_rate": "Peak learning rate.",
-    "warmup_steps": "Linear warm-up steps.",
-    "weight_decay": "AdamW decoupled weight decay.",
-    "clipnorm": "Gradient clipping norm (unset: off).",
-    "decay_embeddings": "Also weight-decay the token and positional embeddings (open_clip's rule).",
-    "precision": "float32 | mixed_bfloat16 | mixed_float16.",
-    "jit_compile": "auto | true | false (XLA for the towers).",
-    "strategy": "one_device | mirrored | multiworker (TF_CONFIG).",
-    "model_dir": "Output folder (checkpoints, logs, preset, summary.json).",
-    "seed": "Random seed.",
-    "checkpoint_every": "Steps between checkpoints.",
-    "log_every": "Steps between TensorBoard points.",
-    "demo_examples": "Size of the generated demo training set.",
-    "shuffle_buffer": "Shuffle buffer (records).",
-    "max_train_seconds": "Stop (with a checkpoint) after this many seconds on the chief's clock "
-                         "(every worker stops at the same step); 0: never.",
-    "time_collectives_steps": "After training, time the all-gather and gradient all-reduce alone "
-                              "this many times each (summary.json 'collectives'); 0: off.",
-    "loss": "softmax (CLIP) | sigmoid (SigLIP: learned temperature and bias, init 10 and -10).",
-    "lock_image": "Freeze the image tower (LiT): no gradients, no optimizer state, frozen BN.",
-    "lock_text": "Freeze the text tower.",
-    "unlocked_image_blocks": "With --lock_image: leave the last N image blocks and the head trainable.",
-    "unlocked_text_blocks": "With --lock_text: leave the last N text blocks and the head trainable.",
-    "gradient_cache_chunks": "Gradient caching: compute each replica's batch in K chunks (activation "
-                             "memory of one chunk, same update as K=1, ~2 forward passes).",
-    "patch_dropout": "FLIP: fraction of image patch tokens dropped in training (ViT; 0: off).",
-    "remat": "Recompute each transformer block in the backward pass (less memory, same gradients).",
-}
 for field in dataclasses.fields(TrainConfig):
     default = getattr(_DEFAULTS, field.name)
     if field.name == "clipnorm":
-        flags.DEFINE_float(field.name, None, _HELP[field.name])
+        flags.DEFINE_float(field.name, None, help_text(field.name))
     elif isinstance(default, bool) or field.type in ("bool",):
-        flags.DEFINE_bool(field.name, default, _HELP[field.name])
+        flags.DEFINE_bool(field.name, default, help_text(field.name))
     elif isinstance(default, int):
-        flags.DEFINE_integer(field.name, default, _HELP[field.name])
+        flags.DEFINE_integer(field.name, default, help_text(field.name))
     elif isinstance(default, float):
-        flags.DEFINE_float(field.name, default, _HELP[field.name])
+        flags.DEFINE_float(field.name, default, help_text(field.name))
     else:
-        flags.DEFINE_string(field.name, default, _HELP[field.name])
+        flags.DEFINE_string(field.name, default, help_text(field.name))
 FLAGS = flags.FLAGS
 
 

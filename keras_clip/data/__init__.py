@@ -1,4 +1,4 @@
-"""Training input pipeline: TFRecord shards, converters, readers, augmentation."""
+"""Training input: the data spec, TFRecord shards, converters, readers, augmentation."""
 
 from keras_clip.data.augment import random_resized_crop
 from keras_clip.data.augment import sample_crop_box
@@ -13,3 +13,5 @@ from keras_clip.data.shards import convert_webdataset
 from keras_clip.data.shards import read_caption_table
 from keras_clip.data.shards import serialize_example
 from keras_clip.data.shards import write_shards
+from keras_clip.data.spec import DataSpec
+from keras_clip.data.spec import RecordCount

@@ -1,123 +1,145 @@
-"""Experiment settings for a training run (kept apart from the model's config)."""
+"""Experiment settings for a training run (kept apart from the model's config).
+
+Each field's help text is written once, beside it (`dataclasses.field(metadata=
+{"help": ...})`); `training/run.py` turns every field into a flag with that help.
+"""
 import dataclasses
+import numbers
+
+PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
+STRATEGIES = ("one_device", "mirrored", "multiworker")
+JIT_SETTINGS = ("auto", "true", "false")
+LOSSES = ("softmax", "sigmoid")
+
+
+def _field(default, help_text):
+    return dataclasses.field(default=default, metadata={"help": help_text})
+
+
+def help_text(name):
+    """The help text of a `TrainConfig` field (also its flag's help)."""
+    return TrainConfig.__dataclass_fields__[name].metadata["help"]
 
 
 @dataclasses.dataclass
 class TrainConfig:
     """Settings of one training run. Every field has a default, so tests and the
-    no-flag demo run need none.
+    no-flag demo run need none; each field's meaning is its `help` (see the
+    definitions below, or `python training/run.py --help`).
 
-    Attributes:
-        preset: model preset name or path (`CLIP.from_preset`).
-        train_data: training pairs: `demo` (generated), a TFRecord file pattern
-            (img2dataset schema), a CSV/TSV of image path + caption (with
-            `image_root`), or `tfds:NAME[/SPLIT]`.
-        val_data: validation pairs in the same forms ("" for none; `demo` for the
-            generated validation split).
-        image_root: folder the CSV's image paths are relative to.
-        global_batch_size: pairs per step across all replicas (negatives come from
-            the whole global batch).
-        epochs: passes over the training data; ignored when `steps` > 0.
-        steps: total optimisation steps (overrides `epochs`).
-        learning_rate: peak learning rate after warm-up.
-        warmup_steps: linear warm-up steps.
-        weight_decay: AdamW decoupled weight decay.
-        decay_embeddings: also apply weight decay to the token and positional
-            embeddings (open_clip's rule); off by default.
-        clipnorm: gradient clipping norm (None: off).
-        precision: `float32`, `mixed_bfloat16` or `mixed_float16` (loss scaling).
-        jit_compile: `auto` (on where a GPU is present; XLA on CPU was measured
-            slower), `true` or `false`.
-        strategy: `one_device`, `mirrored` or `multiworker` (reads TF_CONFIG).
-        model_dir: outputs: checkpoints, TensorBoard logs, config, final preset,
-            summary JSON.
-        seed: seed of weights init, shuffling and augmentation.
-        checkpoint_every: steps between checkpoints.
-        log_every: steps between TensorBoard/log lines.
-        demo_examples: size of the generated demo training set.
-        shuffle_buffer: records in the shuffle buffer.
-        max_train_seconds: stop early (after a checkpoint) when exceeded; 0 = never.
-            Measured on the chief's clock only; its decision is all-gathered
-            with the next step, so every worker stops at the same step.
-        time_collectives_steps: after training, time the step's all-gather and
-            gradient all-reduce on their own this many times each
-            (`keras_clip.training.collectives`); 0 = off.
-        loss: `softmax` (CLIP) or `sigmoid` (SigLIP; recorded in the saved preset).
-        lock_image, lock_text: freeze that tower (LiT): no gradients, no optimizer
-            state, frozen batch-norm statistics (`CLIP.lock_towers`).
-        unlocked_image_blocks, unlocked_text_blocks: leave the last N blocks (and the
-            head) of a locked tower trainable.
-        gradient_cache_chunks: 1, or K > 1 for gradient caching: each replica's
-            batch is embedded and back-propagated in K chunks with the same update
-            as the plain step (activation memory of one chunk, two forward passes).
-        patch_dropout: FLIP patch dropout of the ViT image tower in training (0: off;
-            recorded in the saved preset; inference unchanged).
-        remat: rematerialise every transformer block in the backward pass (less
-            activation memory, about one more forward pass of the blocks).
+    `validate()` checks every field and returns the config; `keras_clip.training.run`
+    calls it first.
     """
 
-    preset: str = "clip_vit_tiny"
-    train_data: str = "demo"
-    val_data: str = "demo"
-    image_root: str = ""
-    global_batch_size: int = 128
-    epochs: int = 3
-    steps: int = 0
-    learning_rate: float = 1e-3
-    warmup_steps: int = 30
-    weight_decay: float = 0.1
-    decay_embeddings: bool = False
-    clipnorm: float | None = None
-    precision: str = "float32"
-    jit_compile: str = "auto"
-    strategy: str = "one_device"
-    model_dir: str = "runs/demo"
-    seed: int = 0
-    checkpoint_every: int = 100
-    log_every: int = 10
-    demo_examples: int = 8000
-    shuffle_buffer: int = 2000
-    max_train_seconds: float = 0.0
-    time_collectives_steps: int = 0
-    loss: str = "softmax"
-    lock_image: bool = False
-    lock_text: bool = False
-    unlocked_image_blocks: int = 0
-    unlocked_text_blocks: int = 0
-    gradient_cache_chunks: int = 1
-    patch_dropout: float = 0.0
-    remat: bool = False
+    preset: str = _field("clip_vit_tiny", "Model preset name or path (`CLIP.from_preset`).")
+    train_data: str = _field(
+        "demo", "Training pairs: demo (generated) | TFRecord pattern (img2dataset schema) | "
+        "CSV/TSV of image path + caption (with --image_root) | tfds:NAME[/SPLIT].")
+    val_data: str = _field("demo", "Validation data in the same forms ('' for none; demo: the "
+                                   "generated validation split).")
+    image_root: str = _field("", "Folder of the CSV's image paths (or TFDS data_dir).")
+    global_batch_size: int = _field(128, "Pairs per step across all replicas (negatives come "
+                                         "from the whole global batch).")
+    epochs: int = _field(3, "Passes over the training data (ignored if --steps > 0).")
+    steps: int = _field(0, "Total optimisation steps (overrides --epochs when > 0).")
+    learning_rate: float = _field(1e-3, "Peak learning rate after warm-up.")
+    warmup_steps: int = _field(30, "Linear warm-up steps.")
+    weight_decay: float = _field(0.1, "AdamW decoupled weight decay.")
+    decay_embeddings: bool = _field(False, "Also weight-decay the token and positional "
+                                           "embeddings (open_clip's rule).")
+    clipnorm: float | None = _field(None, "Gradient clipping norm (unset: off).")
+    precision: str = _field("float32", "float32 | mixed_bfloat16 | mixed_float16 (loss scaling).")
+    jit_compile: str = _field("auto", "auto | true | false (XLA for the towers; auto: on where "
+                                      "a GPU is present, XLA on CPU was measured slower).")
+    strategy: str = _field("one_device", "one_device | mirrored | multiworker (TF_CONFIG).")
+    model_dir: str = _field("runs/demo", "Output folder (checkpoints, logs, preset, "
+                                         "summary.json); may be a bucket.")
+    seed: int = _field(0, "Random seed (weights init, shuffling, augmentation).")
+    checkpoint_every: int = _field(100, "Steps between checkpoints.")
+    log_every: int = _field(10, "Steps between TensorBoard points.")
+    demo_examples: int = _field(8000, "Size of the generated demo training set.")
+    shuffle_buffer: int = _field(2000, "Shuffle buffer (records).")
+    max_train_seconds: float = _field(
+        0.0, "Stop (with a checkpoint) after this many seconds on the chief's clock (every "
+        "worker stops at the same step); 0: never.")
+    time_collectives_steps: int = _field(
+        0, "After training, time the all-gather and gradient all-reduce alone this many times "
+        "each (summary.json 'collectives'); 0: off.")
+    loss: str = _field("softmax", "softmax (CLIP) | sigmoid (SigLIP: learned temperature and "
+                                  "bias, init 10 and -10; recorded in the saved preset).")
+    lock_image: bool = _field(False, "Freeze the image tower (LiT): no gradients, no optimizer "
+                                     "state, frozen BN.")
+    lock_text: bool = _field(False, "Freeze the text tower.")
+    unlocked_image_blocks: int = _field(0, "With --lock_image: leave the last N image blocks "
+                                           "and the head trainable.")
+    unlocked_text_blocks: int = _field(0, "With --lock_text: leave the last N text blocks and "
+                                          "the head trainable.")
+    gradient_cache_chunks: int = _field(
+        1, "Gradient caching: compute each replica's batch in K chunks (activation memory of "
+        "one chunk, same update as K=1, ~2 forward passes).")
+    patch_dropout: float = _field(0.0, "FLIP: fraction of image patch tokens dropped in "
+                                       "training (ViT; 0: off; recorded in the saved preset).")
+    remat: bool = _field(False, "Recompute each transformer block in the backward pass (less "
+                                "memory, same gradients).")
 
     def validate(self):
-        if self.time_collectives_steps < 0:
-            raise ValueError(f"`time_collectives_steps` must be >= 0. Received: {self.time_collectives_steps}")
-        if self.global_batch_size <= 0:
-            raise ValueError(f"`global_batch_size` must be positive. Received: {self.global_batch_size}")
-        if self.precision not in ("float32", "mixed_bfloat16", "mixed_float16"):
+        """Checks every field; returns `self`.
+
+        Raises:
+            ValueError: naming the first invalid field, Keras-style
+                ("`arg` must be ...; Received: arg=...").
+        """
+        def fail(name, requirement):
+            raise ValueError(f"`{name}` must be {requirement}. "
+                             f"Received: {name}={getattr(self, name)!r}")
+
+        def is_int(value):
+            return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+        def is_number(value):
+            return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+        for name in ("preset", "train_data", "model_dir"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                fail(name, "a non-empty string")
+        for name in ("val_data", "image_root"):
+            if not isinstance(getattr(self, name), str):
+                fail(name, "a string")
+        for name, minimum in (("global_batch_size", 1), ("steps", 0), ("warmup_steps", 0),
+                              ("seed", 0), ("checkpoint_every", 1), ("log_every", 1),
+                              ("demo_examples", 1), ("shuffle_buffer", 1),
+                              ("time_collectives_steps", 0), ("unlocked_image_blocks", 0),
+                              ("unlocked_text_blocks", 0), ("gradient_cache_chunks", 1)):
+            if not is_int(getattr(self, name)) or getattr(self, name) < minimum:
+                fail(name, f"an integer >= {minimum}")
+        if not is_int(self.epochs) or self.epochs < (0 if self.steps else 1):
+            fail("epochs", "an integer >= 1 (when `steps` is 0)")
+        if not is_number(self.learning_rate) or not self.learning_rate > 0:
+            fail("learning_rate", "a positive number")
+        for name in ("weight_decay", "max_train_seconds"):
+            if not is_number(getattr(self, name)) or not getattr(self, name) >= 0:
+                fail(name, "a number >= 0")
+        if self.clipnorm is not None and (not is_number(self.clipnorm) or not self.clipnorm > 0):
+            fail("clipnorm", "None or a positive number")
+        if not is_number(self.patch_dropout) or not 0.0 <= self.patch_dropout < 1.0:
+            fail("patch_dropout", "in [0, 1)")
+        for name in ("decay_embeddings", "lock_image", "lock_text", "remat"):
+            if not isinstance(getattr(self, name), bool):
+                fail(name, "a bool")
+        for name, choices in (("precision", PRECISIONS), ("strategy", STRATEGIES),
+                              ("loss", LOSSES)):
+            if getattr(self, name) not in choices:
+                fail(name, "one of " + ", ".join(choices))
+        if str(self.jit_compile).lower() not in JIT_SETTINGS:
+            fail("jit_compile", "one of " + ", ".join(JIT_SETTINGS))
+        if self.global_batch_size % self.gradient_cache_chunks:
             raise ValueError(
-                "`precision` must be float32, mixed_bfloat16 or mixed_float16. "
-                f"Received: precision={self.precision!r}"
-            )
-        if self.strategy not in ("one_device", "mirrored", "multiworker"):
-            raise ValueError(
-                "`strategy` must be one_device, mirrored or multiworker. "
-                f"Received: strategy={self.strategy!r}"
-            )
-        if str(self.jit_compile).lower() not in ("auto", "true", "false"):
-            raise ValueError(f"`jit_compile` must be auto, true or false. Received: {self.jit_compile!r}")
-        if self.loss not in ("softmax", "sigmoid"):
-            raise ValueError(f"`loss` must be softmax or sigmoid. Received: loss={self.loss!r}")
-        if not 0.0 <= self.patch_dropout < 1.0:
-            raise ValueError(f"`patch_dropout` must be in [0, 1). Received: patch_dropout={self.patch_dropout}")
-        if self.gradient_cache_chunks < 1 or self.global_batch_size % self.gradient_cache_chunks:
-            raise ValueError(
-                "`gradient_cache_chunks` must be >= 1 and divide `global_batch_size`. "
+                "`gradient_cache_chunks` must divide `global_batch_size`. "
                 f"Received: gradient_cache_chunks={self.gradient_cache_chunks}, "
                 f"global_batch_size={self.global_batch_size}"
             )
         for name, lock in (("unlocked_image_blocks", self.lock_image),
                            ("unlocked_text_blocks", self.lock_text)):
-            if getattr(self, name) < 0 or (getattr(self, name) and not lock):
-                raise ValueError(f"`{name}` must be >= 0 and needs its tower locked. "
-                                 f"Received: {name}={getattr(self, name)}")
+            if getattr(self, name) and not lock:
+                fail(name, f"0 unless its tower is locked (`lock_{name.split('_')[1]}`)")
         return self

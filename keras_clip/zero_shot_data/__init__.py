@@ -57,8 +57,3 @@ def load_dataset_prompts(name):
     data = _read(name)
     classes = _read(data["classes_from"])["classes"] if "classes_from" in data else data["classes"]
     return list(classes), list(data["templates"])
-
-
-def dataset_source(name):
-    """Where the prompts of `name` were taken from (a one-line citation)."""
-    return _read(name)["source"]
