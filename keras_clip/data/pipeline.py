@@ -50,7 +50,9 @@ from absl import logging
 from keras_clip.data import augment
 from keras_clip.data import shards
 from keras_clip.data.spec import TABLE, TFRECORD, DataSpec
+from keras_clip.preprocessing.image_preprocessor import FORMAT_SIGNATURES
 from keras_clip.preprocessing.image_preprocessor import OPENAI_MEAN
+from keras_clip.preprocessing.image_preprocessor import SIGNATURE_LENGTH
 from keras_clip.preprocessing.image_preprocessor import OPENAI_STD
 from keras_clip.preprocessing.image_preprocessor import CLIPImagePreprocessor
 from keras_clip.preprocessing.tokenizer import CLIPTokenizer
@@ -61,16 +63,9 @@ DEFAULT_SHUFFLE_BUFFER = 5000
 # its encode format. The first non-empty one is used.
 _IMAGE_FEATURES = (shards.IMAGE_FEATURE, "jpeg", "png", "webp")
 
-# Signatures of the formats the decoder accepts: (offset, bytes).
-_SIGNATURES = (
-    ((0, b"\xff\xd8\xff"),),  # JPEG
-    ((0, b"\x89PNG\r\n\x1a\n"),),  # PNG
-    ((0, b"GIF87a"),),  # GIF
-    ((0, b"GIF89a"),),
-    ((0, b"BM"),),  # BMP
-    ((0, b"RIFF"), (8, b"WEBP")),  # WebP
-)
-_SIGNATURE_LENGTH = 12
+# Signatures of the formats the decoder accepts: the decoder's own table.
+_SIGNATURES = tuple(parts for _, parts in FORMAT_SIGNATURES)
+_SIGNATURE_LENGTH = SIGNATURE_LENGTH
 
 # Python's `str.isspace` characters, so "blank" means what `str.strip()` empties.
 _BLANK_PATTERN = (

@@ -54,6 +54,19 @@ RESAMPLE_PREMULTIPLIED = 2  # "RGBA", "LA": bicubic on premultiplied alpha.
 
 # Format ids, in `tf.switch_case` branch order.
 _JPEG, _PNG, _GIF, _BMP, _WEBP = 0, 1, 2, 3, 4
+# The one table of file signatures: (format id, ((offset, bytes), ...)); a format
+# matches when all its parts do. The decoder (`_detect_format`) and the
+# pipeline's cheap pre-check (`keras_clip.data.pipeline.looks_like_image`) read it.
+FORMAT_SIGNATURES = (
+    (_JPEG, ((0, b"\xff\xd8\xff"),)),
+    (_PNG, ((0, b"\x89PNG\r\n\x1a\n"),)),
+    (_GIF, ((0, b"GIF87a"),)),
+    (_GIF, ((0, b"GIF89a"),)),
+    (_BMP, ((0, b"BM"),)),
+    (_WEBP, ((0, b"RIFF"), (8, b"WEBP"))),
+)
+# Bytes a signature check reads: 12 (WebP's `WEBP` at offset 8).
+SIGNATURE_LENGTH = max(offset + len(part) for _, parts in FORMAT_SIGNATURES for offset, part in parts)
 
 # Default `max_pixels`: a 48-megapixel phone photo (8064x6048) passes; decoding
 # plus PIL-exact resizing then peaks near 3 GB (measured in
@@ -142,15 +155,12 @@ class _Bytes:
 
 
 def _detect_format(image_bytes, data):
-    """Format id from the file signature, or -1 when none matches."""
-    is_jpeg = tf.io.is_jpeg(image_bytes)  # FF D8 FF
-    is_png = data.matches(0, b"\x89PNG\r\n\x1a\n")
-    is_gif = data.matches(0, b"GIF87a") | data.matches(0, b"GIF89a")
-    is_bmp = data.matches(0, b"BM")
-    is_webp = data.matches(0, b"RIFF") & data.matches(8, b"WEBP")
+    """Format id from the file signature (`FORMAT_SIGNATURES`), or -1 when none
+    matches (the signatures exclude each other)."""
+    del image_bytes  # read through `data`
     format_id = tf.constant(-1)
-    candidates = [(is_webp, _WEBP), (is_bmp, _BMP), (is_gif, _GIF), (is_png, _PNG)]
-    for flag, value in candidates + [(is_jpeg, _JPEG)]:
+    for value, parts in FORMAT_SIGNATURES:
+        flag = tf.reduce_all(tf.stack([data.matches(offset, part) for offset, part in parts]))
         format_id = tf.where(flag, value, format_id)
     return format_id
 
