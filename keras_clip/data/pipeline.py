@@ -380,7 +380,7 @@ def _build_pipeline(
     def parse(record, element_seed, is_marker, position, pass_records, mine):
         del mine
         example = tf.cond(is_marker, parse_marker, lambda: parse_record(record, element_seed))
-        example.update(marker=is_marker, position=position, pass_records=pass_records)
+        example.update(sentinel=is_marker, position=position, pass_records=pass_records)
         return example
 
     def parse_record(record, element_seed):
@@ -399,17 +399,10 @@ def _build_pipeline(
             keep = tf.identity(has_caption & is_image)
         return {"image_bytes": image_bytes, "caption": caption, "key": key, "seed": crop_seed, "keep": keep}
 
-    def to_decode(example):
-        return {
-            "image_bytes": example["image_bytes"], "caption": example["caption"], "key": example["key"],
-            "seed": example["seed"], "sentinel": example["marker"], "position": example["position"],
-            "pass_records": example["pass_records"],
-        }
-
     sentinel = tf.data.Dataset.from_tensors({
         "image_bytes": tf.constant(_SENTINEL_PNG), "caption": tf.constant(""), "key": tf.constant(""),
-        "seed": tf.zeros([2], tf.int64), "sentinel": tf.constant(True), "position": tf.constant(-1, tf.int64),
-        "pass_records": tf.constant(0, tf.int64),
+        "seed": tf.zeros([2], tf.int64), "keep": tf.constant(True), "sentinel": tf.constant(True),
+        "position": tf.constant(-1, tf.int64), "pass_records": tf.constant(0, tf.int64),
     })
 
     def number(next_index, example):
@@ -434,20 +427,31 @@ def _build_pipeline(
 
         image = tf.cond(too_large, lambda: tf.zeros([image_size, image_size, 3], tf.float32), transform)
         decoded = {"images": tf.ensure_shape(image, [image_size, image_size, 3]), "captions": example["caption"],
-                   "keys": example["key"], "positions": example["position"],
-                   "pass_records": example["pass_records"]}
-        return index, example["sentinel"], too_large, decoded
+                   "keys": example["key"], "positions": example["position"]}
+        return index, example["sentinel"], too_large, example["pass_records"], decoded
 
-    def count_gaps(last_index, element):
-        index, is_sentinel, too_large, decoded = element
+    def account(state, element):
+        # One sequential pass over the decoder's output (a stage per concern
+        # costs throughput): count the gaps in the numbering as decode failures
+        # and the images too large to decode, and, with `repeat`, check passes.
+        # Markers end passes: a whole pass without one usable example would
+        # otherwise repeat forever without a batch. `complete`: the current pass
+        # was seen from its start (a resumed stream starts mid-pass).
+        last_index, usable, complete = state
+        index, is_sentinel, too_large, pass_records, decoded = element
         # Numbers last_index + 1 .. index - 1 failed to decode.
         updates = [_add(counters, "decode_failures", index - last_index - 1),
                    _add(counters, "too_large", tf.cast(too_large, tf.int64))]
+        if repeat:
+            empty = is_sentinel & complete & tf.equal(usable, 0)
+            updates.append(tf.debugging.Assert(~empty, [_empty_pass_message(data_name, pass_records, counters)]))
         with tf.control_dependencies(updates):
-            is_sentinel = tf.identity(is_sentinel)
-        return index, (is_sentinel, too_large, decoded)
+            drop = tf.identity(is_sentinel | too_large)
+        usable = tf.where(is_sentinel, tf.constant(0, tf.int64), usable + tf.cast(~too_large, tf.int64))
+        return (index, usable, complete | is_sentinel), (drop, decoded)
 
-    def tokenize(batch):
+    def tokenize(drop, batch):
+        del drop  # all False: dropped elements were filtered out
         token_ids = tokenizer(batch["captions"])  # (B, T)
         with tf.control_dependencies([_add(counters, "examples_out", tf.shape(token_ids)[0])]):
             outputs = {"images": tf.identity(batch["images"]), "token_ids": tf.identity(token_ids)}
@@ -457,33 +461,15 @@ def _build_pipeline(
             outputs["positions"] = batch["positions"]
         return outputs
 
-    def check_pass(state, element):
-        # Markers end passes: a whole pass without one usable example would
-        # otherwise repeat forever without a batch. `complete`: the current pass
-        # was seen from its start (a resumed stream starts mid-pass).
-        usable, complete = state
-        is_sentinel, decoded = element
-        empty = is_sentinel & complete & tf.equal(usable, 0)
-        check = tf.debugging.Assert(~empty, [_empty_pass_message(data_name, decoded["pass_records"], counters)])
-        with tf.control_dependencies([check]):
-            is_sentinel = tf.identity(is_sentinel)
-        state = (tf.where(is_sentinel, tf.constant(0, tf.int64), usable + 1), complete | is_sentinel)
-        return state, (is_sentinel, decoded)
-
     # In order: markers must stay behind the records of their pass.
     dataset = dataset.map(parse, **in_order)
     dataset = dataset.filter(lambda example: example["keep"])
-    dataset = dataset.map(to_decode).concatenate(sentinel)
+    dataset = dataset.concatenate(sentinel)
     dataset = dataset.scan(tf.constant(0, tf.int64), number)
     dataset = dataset.map(decode, **in_order)
     dataset = dataset.ignore_errors()
-    dataset = dataset.scan(tf.constant(-1, tf.int64), count_gaps)
-    dataset = dataset.filter(lambda is_sentinel, too_large, decoded: ~too_large)
-    dataset = dataset.map(lambda is_sentinel, too_large, decoded: (is_sentinel, decoded))
-    if repeat:
-        dataset = dataset.scan((tf.constant(0, tf.int64), tf.constant(skip_records == 0)), check_pass)
-    dataset = dataset.filter(lambda is_sentinel, decoded: ~is_sentinel)
-    dataset = dataset.map(lambda is_sentinel, decoded: {k: v for k, v in decoded.items() if k != "pass_records"})
+    dataset = dataset.scan((tf.constant(-1, tf.int64), zero, tf.constant(skip_records == 0)), account)
+    dataset = dataset.filter(lambda drop, decoded: ~drop)
     dataset = dataset.batch(batch_size, drop_remainder=training, **parallel)
     dataset = dataset.map(tokenize, **parallel)
     if repeat:
