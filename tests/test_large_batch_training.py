@@ -245,6 +245,42 @@ def test_gradient_cache_with_mixed_float16_and_loss_scaling():
         np.testing.assert_allclose(gradient, plain[path], atol=1e-2 * largest, err_msg=path)
 
 
+def test_gradient_cache_with_xla_towers_matches_the_plain_step():
+    # Reference: the plain step without XLA (texts trimmed to the longest one; XLA
+    # keeps all 12 tokens: the causal mask makes both exact).
+    data = _batch(8)
+    reference, reference_loss = _gradients(harness.tiny_clip(**TINY), data)
+    model = harness.tiny_clip(**TINY)
+    gradients, loss = _gradients(model, data, jit_compile=True, gradient_cache_chunks=4)
+    assert set(model._encode_pair_fn) == {True, False}  # the towers ran as XLA functions
+    assert loss == pytest.approx(reference_loss, rel=1e-6)
+    assert max(float(np.max(np.abs(g))) for g in reference.values()) > 1e-2
+    for path, gradient in gradients.items():
+        np.testing.assert_allclose(gradient, reference[path], atol=1e-5, rtol=0, err_msg=path)
+
+
+@pytest.mark.parametrize("dtype", ["mixed_float16", "mixed_bfloat16"])
+def test_gradient_cache_with_xla_towers_and_mixed_precision(dtype):
+    data = _batch(8)
+    results = []
+    for chunks in (1, 2):
+        model = harness.tiny_clip(**TINY, dtype=dtype)
+        before = {v.path.split("/", 1)[1]: np.asarray(v, np.float64) for v in model.trainable_variables}
+        optimizer = keras.optimizers.SGD(learning_rate=1.0)
+        if dtype == "mixed_float16":  # as training/run.py: loss scaling for float16 only
+            optimizer = keras.optimizers.LossScaleOptimizer(optimizer, initial_scale=256.0)
+        model.compile(optimizer=optimizer, jit_compile=True, gradient_cache_chunks=chunks)
+        logs = model.train_step(data)
+        results.append((float(logs["loss"]), {p: before[p] - np.asarray(v, np.float64)
+                                               for p, v in zip(before, model.trainable_variables)}))
+    (plain_loss, plain), (cached_loss, cached) = results
+    assert cached_loss == pytest.approx(plain_loss, rel=1e-3)
+    largest = max(float(np.max(np.abs(g))) for g in plain.values())
+    assert largest > 1e-2
+    for path, gradient in cached.items():
+        np.testing.assert_allclose(gradient, plain[path], atol=1e-2 * largest, err_msg=path)
+
+
 def test_gradient_cache_rejects_a_batch_it_cannot_split():
     model = harness.tiny_clip(**TINY)
     with pytest.raises(ValueError, match=r"`gradient_cache_chunks` must be an int >= 1. "
