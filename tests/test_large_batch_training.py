@@ -281,6 +281,45 @@ def test_gradient_cache_with_xla_towers_and_mixed_precision(dtype):
         np.testing.assert_allclose(gradient, plain[path], atol=1e-2 * largest, err_msg=path)
 
 
+def test_gradient_cache_runs_the_towers_forward_exactly_twice():
+    # Gao et al.'s cost: one extra forward pass of each tower, never one per chunk pair.
+    model = harness.tiny_clip(**TINY)
+    rows = {"image": [], "text": []}
+    encode_image, encode_text = model.encode_image, model.encode_text
+    model.encode_image = lambda images, **kw: rows["image"].append(len(images)) or encode_image(images, **kw)
+    model.encode_text = lambda tokens, **kw: rows["text"].append(len(tokens)) or encode_text(tokens, **kw)
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate=0.1), gradient_cache_chunks=4)
+    model.train_step(_batch(8))
+    assert rows == {"image": [2] * 8, "text": [2] * 8}  # 4 chunks x 2 passes: 2 x 8 rows each
+    rows["image"].clear(), rows["text"].clear()
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate=0.1))
+    model.train_step(_batch(8))
+    assert rows == {"image": [8], "text": [8]}
+
+
+def test_gradient_cache_with_a_locked_image_tower_has_no_image_backward_pass():
+    model = harness.tiny_clip(**TINY)
+    model.lock_towers(image=True)
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate=1.0), gradient_cache_chunks=2)
+    model.optimizer.build(model.trainable_variables)
+    data = _batch(8)
+    spec = {k: tf.TensorSpec(v.shape, tf.as_dtype(v.dtype)) for k, v in data.items()}
+    names = [op.name for op in tf.function(model.train_step).get_concrete_function(spec).graph.get_operations()]
+    gradient_ops = [n for n in names if n.startswith("gradient_tape") and "visual" in n]
+    assert gradient_ops == []
+    assert len([n for n in names if n.startswith("gradient_tape") and "text" in n]) > 50
+    reference = harness.tiny_clip(**TINY)
+    reference.lock_towers(image=True)
+    expected, expected_loss = _gradients(reference, data)
+    model = harness.tiny_clip(**TINY)
+    model.lock_towers(image=True)
+    gradients, loss = _gradients(model, data, gradient_cache_chunks=2)
+    assert loss == pytest.approx(expected_loss, rel=1e-6)
+    assert sorted(gradients) == sorted(expected) and not [p for p in gradients if p.startswith("visual/")]
+    for path, gradient in gradients.items():
+        np.testing.assert_allclose(gradient, expected[path], atol=1e-5, rtol=0, err_msg=path)
+
+
 def test_gradient_cache_rejects_a_batch_it_cannot_split():
     model = harness.tiny_clip(**TINY)
     with pytest.raises(ValueError, match=r"`gradient_cache_chunks` must be an int >= 1. "
