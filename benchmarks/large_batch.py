@@ -155,7 +155,7 @@ def memory_search(args):
             return "failed" not in r and r["peak_rss_mib"] <= args.memory_budget_mib
 
         low, high = 0, None  # low fits (0: nothing yet), high does not
-        batch = args.chunk_size
+        batch = args.start_batch or args.chunk_size
         while batch <= args.max_batch:
             if not fits(batch):
                 high = batch
@@ -187,6 +187,8 @@ def main():
     parser.add_argument("--memory_budget_mib", type=float, default=None)
     parser.add_argument("--chunk_size", type=int, default=32)
     parser.add_argument("--max_batch", type=int, default=1024)
+    parser.add_argument("--start_batch", type=int, default=None,
+                        help="first batch the memory search tries (default: --chunk_size)")
     parser.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--_table", default="speed", help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -101,7 +101,7 @@ def main():
         results[name] = {"summary": summary, "retrieval": retrieval, "zero_shot": zero_shot,
                          "train_seconds": train_seconds, "eval_seconds": eval_seconds,
                          "load_before": load_before, "load_after": os.getloadavg()}
-        with open(os.path.join(args.out_dir, "results.json"), "w") as f:
+        with open(os.path.join(args.out_dir, f"results_{'+'.join(args.variants)}.json"), "w") as f:
             json.dump(results, f, indent=1, default=str)
         print(f"{name}: trained in {train_seconds:.0f} s, evaluated in {eval_seconds:.0f} s, "
               f"load {load_before[0]:.1f} -> {os.getloadavg()[0]:.1f}", flush=True)
