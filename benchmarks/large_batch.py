@@ -60,9 +60,8 @@ def model_config(image_size):
                 text_num_layers=4, text_num_heads=3)
 
 
-def run_mode(mode, batch, steps, image_size, chunk_size=32):
-    """In a subprocess: median step seconds, peak RSS and RSS before the first step."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+def build_step(mode, batch, image_size, chunk_size=32):
+    """`(step, data)`: the mode's compiled step function and a random batch."""
     import keras
     import numpy as np
     import tensorflow as tf
@@ -86,9 +85,16 @@ def run_mode(mode, batch, steps, image_size, chunk_size=32):
         tokens[i, 9 + i % 20:] = 0
     data = {"images": tf.constant(rng.normal(size=(batch, image_size, image_size, 3)), tf.float32),
             "token_ids": tf.constant(tokens, tf.int32)}
-    step = tf.function(model.train_step)
-    if mode.get("image_tower_only"):
-        step = image_tower_step(model)
+    step = image_tower_step(model) if mode.get("image_tower_only") else tf.function(model.train_step)
+    return step, data
+
+
+def run_mode(mode, batch, steps, image_size, chunk_size=32):
+    """In a subprocess: median step seconds, peak RSS and RSS before the first step."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import numpy as np
+
+    step, data = build_step(mode, batch, image_size, chunk_size)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     start = time.perf_counter()
     float(step(data)["loss"])  # trace + warm-up
@@ -99,6 +105,41 @@ def run_mode(mode, batch, steps, image_size, chunk_size=32):
         times.append(time.perf_counter() - start)
     return {"seconds": float(np.median(times)), "rss_before_mib": rss_before,
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def interleaved_speed(args, modes):
+    """Every mode in this one process, steps interleaved A B C A B C ...: median seconds.
+
+    The modes share the machine's state at every moment, so their ratios hold under a
+    changing load; memory is not measured here (see `--memory_budget_mib`).
+    """
+    import numpy as np
+
+    steps = {}
+    for name in modes:
+        steps[name] = build_step(MODES[name], args.batch, args.image_size, args.chunk_size)
+        float(steps[name][0](steps[name][1])["loss"])  # trace + warm-up
+    times = {name: [] for name in modes}
+    loads = [os.getloadavg()[0]]
+    for _ in range(args.steps):
+        for name in modes:
+            step, data = steps[name]
+            start = time.perf_counter()
+            float(step(data)["loss"])
+            times[name].append(time.perf_counter() - start)
+    loads.append(os.getloadavg()[0])
+    print(f"global batch {args.batch}, one process, {args.steps} interleaved steps per mode "
+          f"(median); load average (1 min) before/after: {loads[0]:.1f} {loads[1]:.1f}")
+    seconds = {name: float(np.median(t)) for name, t in times.items()}
+    print(f"{'mode':36s} {'step s':>8s} {'pairs/s':>8s} {'vs plain':>8s}  all step times (s)")
+    plain = seconds.get("plain", next(iter(seconds.values())))
+    for name, value in seconds.items():
+        print(f"{name:36s} {value:8.3f} {args.batch / value:8.1f} {plain / value:7.2f}x  "
+              + " ".join(f"{t:.2f}" for t in times[name]))
+    if "image tower only" in seconds and "image tower only, patch dropout 0.5" in seconds:
+        print(f"image tower alone: patch dropout 0.5 gives "
+              f"{seconds['image tower only'] / seconds['image tower only, patch dropout 0.5']:.2f}x "
+              f"the pairs/s of patch dropout 0")
 
 
 def image_tower_step(model):
@@ -183,6 +224,8 @@ def main():
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--image_size", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--in_process", action="store_true",
+                        help="speed only: all modes in one process, steps interleaved")
     parser.add_argument("--modes", nargs="*", default=None)
     parser.add_argument("--memory_budget_mib", type=float, default=None)
     parser.add_argument("--chunk_size", type=int, default=32)
@@ -206,6 +249,9 @@ def main():
         memory_search(args)
         return
     modes = args.modes or list(MODES)
+    if args.in_process:
+        interleaved_speed(args, modes)
+        return
     results, loads = {}, []
     for round_index in range(args.rounds):
         loads.append(os.getloadavg()[0])
