@@ -115,10 +115,12 @@ def interleaved_speed(args, modes):
     """
     import numpy as np
 
-    steps = {}
-    for name in modes:
-        steps[name] = build_step(MODES[name], args.batch, args.image_size, args.chunk_size)
-        float(steps[name][0](steps[name][1])["loss"])  # trace + warm-up
+    steps = {name: build_step(MODES[name], args.batch, args.image_size, args.chunk_size)
+             for name in modes}
+    # Warm up after every model is built: `build_step` resets the global seed, and a
+    # tf.function retraces when the global seed changes.
+    for step, data in steps.values():
+        float(step(data)["loss"])  # trace + warm-up
     times = {name: [] for name in modes}
     loads = [os.getloadavg()[0]]
     for _ in range(args.steps):
