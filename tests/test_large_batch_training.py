@@ -245,6 +245,81 @@ def test_gradient_cache_with_mixed_float16_and_loss_scaling():
         np.testing.assert_allclose(gradient, plain[path], atol=1e-2 * largest, err_msg=path)
 
 
+def test_gradient_cache_with_xla_towers_matches_the_plain_step():
+    # Reference: the plain step without XLA (texts trimmed to the longest one; XLA
+    # keeps all 12 tokens: the causal mask makes both exact).
+    data = _batch(8)
+    reference, reference_loss = _gradients(harness.tiny_clip(**TINY), data)
+    model = harness.tiny_clip(**TINY)
+    gradients, loss = _gradients(model, data, jit_compile=True, gradient_cache_chunks=4)
+    assert set(model._encode_pair_fn) == {True, False}  # the towers ran as XLA functions
+    assert loss == pytest.approx(reference_loss, rel=1e-6)
+    assert max(float(np.max(np.abs(g))) for g in reference.values()) > 1e-2
+    for path, gradient in gradients.items():
+        np.testing.assert_allclose(gradient, reference[path], atol=1e-5, rtol=0, err_msg=path)
+
+
+def test_gradient_cache_with_xla_towers_and_mixed_bfloat16():
+    # (mixed_float16 with loss scaling: test_gradient_cache_with_mixed_float16_and_loss_scaling;
+    # both dtypes under XLA took ~2 min each on the loaded 2-core machine, so one here.)
+    dtype = "mixed_bfloat16"
+    data = _batch(8)
+    results = []
+    for chunks in (1, 2):
+        model = harness.tiny_clip(**TINY, dtype=dtype)
+        before = {v.path.split("/", 1)[1]: np.asarray(v, np.float64) for v in model.trainable_variables}
+        model.compile(optimizer=keras.optimizers.SGD(learning_rate=1.0), jit_compile=True,
+                      gradient_cache_chunks=chunks)
+        logs = model.train_step(data)
+        results.append((float(logs["loss"]), {p: before[p] - np.asarray(v, np.float64)
+                                               for p, v in zip(before, model.trainable_variables)}))
+    (plain_loss, plain), (cached_loss, cached) = results
+    assert cached_loss == pytest.approx(plain_loss, rel=1e-3)
+    largest = max(float(np.max(np.abs(g))) for g in plain.values())
+    assert largest > 1e-2
+    for path, gradient in cached.items():
+        np.testing.assert_allclose(gradient, plain[path], atol=1e-2 * largest, err_msg=path)
+
+
+def test_gradient_cache_runs_the_towers_forward_exactly_twice():
+    # Gao et al.'s cost: one extra forward pass of each tower, never one per chunk pair.
+    model = harness.tiny_clip(**TINY)
+    rows = {"image": [], "text": []}
+    encode_image, encode_text = model.encode_image, model.encode_text
+    model.encode_image = lambda images, **kw: rows["image"].append(len(images)) or encode_image(images, **kw)
+    model.encode_text = lambda tokens, **kw: rows["text"].append(len(tokens)) or encode_text(tokens, **kw)
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate=0.1), gradient_cache_chunks=4)
+    model.train_step(_batch(8))
+    assert rows == {"image": [2] * 8, "text": [2] * 8}  # 4 chunks x 2 passes: 2 x 8 rows each
+    rows["image"].clear(), rows["text"].clear()
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate=0.1))
+    model.train_step(_batch(8))
+    assert rows == {"image": [8], "text": [8]}
+
+
+def test_gradient_cache_with_a_locked_image_tower_has_no_image_backward_pass():
+    model = harness.tiny_clip(**TINY)
+    model.lock_towers(image=True)
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate=1.0), gradient_cache_chunks=2)
+    model.optimizer.build(model.trainable_variables)
+    data = _batch(8)
+    spec = {k: tf.TensorSpec(v.shape, tf.as_dtype(v.dtype)) for k, v in data.items()}
+    names = [op.name for op in tf.function(model.train_step).get_concrete_function(spec).graph.get_operations()]
+    gradient_ops = [n for n in names if n.startswith("gradient_tape") and "visual" in n]
+    assert gradient_ops == []
+    assert len([n for n in names if n.startswith("gradient_tape") and "text" in n]) > 50
+    reference = harness.tiny_clip(**TINY)
+    reference.lock_towers(image=True)
+    expected, expected_loss = _gradients(reference, data)
+    model = harness.tiny_clip(**TINY)
+    model.lock_towers(image=True)
+    gradients, loss = _gradients(model, data, gradient_cache_chunks=2)
+    assert loss == pytest.approx(expected_loss, rel=1e-6)
+    assert sorted(gradients) == sorted(expected) and not [p for p in gradients if p.startswith("visual/")]
+    for path, gradient in gradients.items():
+        np.testing.assert_allclose(gradient, expected[path], atol=1e-5, rtol=0, err_msg=path)
+
+
 def test_gradient_cache_rejects_a_batch_it_cannot_split():
     model = harness.tiny_clip(**TINY)
     with pytest.raises(ValueError, match=r"`gradient_cache_chunks` must be an int >= 1. "
