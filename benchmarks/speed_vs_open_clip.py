@@ -61,7 +61,7 @@ from tests.reference import import_open_clip  # noqa: E402
 
 # Modes the open_clip workers with more than `min(--torch_threads)` threads run too (the
 # others are slower in every run we made: docs/speed.md).
-FULL_THREAD_MODES = ("open_clip fp32", "open_clip bf16 weights", "open_clip amp_bf16")
+FULL_THREAD_MODES = ("open_clip bf16 weights", "open_clip amp_bf16")
 SPECS = {"RN50": ref.FULL_RN50, "ViT-B/32": ref.FULL_VIT_B32}
 # /work/shared/data/flickr8k beside /work/main or /work/wt/<worktree>.
 FLICKR = next((p / "shared" / "data" / "flickr8k" for p in ROOT.parents

@@ -182,3 +182,15 @@ def test_export_rejects_unknown_dtype(tmp_path):
     with pytest.raises(ValueError, match="`dtype` must be one of"):
         export_lib.export_saved_model(harness.tiny_clip(seed=0, vision_patch_size=16),
                                       str(tmp_path), 1, dtype="float8")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_patchify_matmul_equals_patch_convolution(dtype):
+    """`CLIPVisionTransformer.patchify` (one matmul) against Keras' `Conv2D` with the
+    same kernel (stride = kernel size), the layer the checkpoints were made for."""
+    model = harness.perturb_weights(CLIP(**harness.SMALL_VIT)).with_dtype(dtype)
+    x = np.random.default_rng(0).standard_normal((3, 64, 64, 3)).astype(np.float32)
+    conv = model.visual.conv1(x).numpy().astype(np.float32).reshape(3, 16, 128)
+    patches = model.visual.patchify(x).numpy().astype(np.float32)
+    tolerance = 1e-5 if dtype == "float32" else 2e-2  # bf16: summation order only
+    np.testing.assert_allclose(patches, conv, atol=tolerance * np.abs(conv).max())
