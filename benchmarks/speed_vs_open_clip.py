@@ -82,6 +82,9 @@ def parse_args(argv=None):
     parser.add_argument("--torch_threads", type=int, nargs="+", default=[2, 1],
                         help="one open_clip worker per count; only the smallest runs every "
                              "mode, the others the modes in FULL_THREAD_MODES")
+    parser.add_argument("--only", nargs="+", default=None,
+                        help="run only these modes (labels as printed, without the thread "
+                             "count), e.g. 'open_clip bf16 weights' 'keras_clip bf16 weights'")
     parser.add_argument("--train_steps", type=int, default=3)
     parser.add_argument("--train_warmup", type=int, default=1)
     parser.add_argument("--train_batch", type=int, default=128)
@@ -181,17 +184,23 @@ def inference_worker(conn, worker, args, checkpoint):
 
         modes, _ = keras_modes(tf, keras_clip, checkpoint, images, tokens.numpy(), args.xla)
     _serve(conn, {(label, task): fns[i] for label, fns in modes.items()
-                  for i, task in enumerate(("image", "text"))})
+                  for i, task in enumerate(("image", "text"))}, only=args.only)
 
 
 def _threads(n):
     return f"{n} thread" + ("s" if n > 1 else "")
 
 
-def _serve(conn, fns, warmup=1):
+def _selected(label, only):
+    return only is None or label.split(" (")[0] in only
+
+
+def _serve(conn, fns, warmup=1, only=None):
     """Warm-up of every fn (errors reported), then one timed call per request."""
     ready, errors = [], {}
     for key, fn in fns.items():
+        if not _selected(key[0] if isinstance(key, tuple) else key, only):
+            continue
         start = time.perf_counter()
         try:
             for _ in range(warmup):
@@ -347,7 +356,7 @@ def training_worker(conn, worker, args):
     if kind == "torch":
         fns = {f"{label} ({_threads(threads)})": fn for label, fn in fns.items()
                if threads == min(args.torch_threads) or label in FULL_THREAD_MODES}
-    _serve(conn, fns, warmup=max(1, args.train_warmup))
+    _serve(conn, fns, warmup=max(1, args.train_warmup), only=args.only)
 
 
 def bench_training(args):
