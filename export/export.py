@@ -28,6 +28,10 @@ flags.DEFINE_bool("overwrite", False, "Replace an existing version directory.")
 flags.DEFINE_integer("max_image_pixels", None,
                      "Largest image (width x height) the signatures decode; larger ones get "
                      "INVALID_ARGUMENT. Default: the preset's (50 million unless saved otherwise).")
+flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "mixed_bfloat16"],  # EXPORT_DTYPES
+                  "Dtype policy of the exported towers; bfloat16 stores the weights in bf16 "
+                  "(half the size, faster on AVX512-BF16/AMX CPUs). Outputs stay float32. "
+                  "Default: the preset's (float32).")
 flags.mark_flag_as_required("export_dir")
 
 
@@ -41,7 +45,7 @@ def main(argv):
     export_saved_model(
         model, FLAGS.export_dir, FLAGS.version, class_names=labels,
         templates=FLAGS.templates, model_name=FLAGS.model_name, top_k=FLAGS.top_k,
-        overwrite=FLAGS.overwrite,
+        overwrite=FLAGS.overwrite, dtype=FLAGS.dtype,
     )
 
 

@@ -2,8 +2,10 @@
 import math
 
 import keras
+import tensorflow as tf
 from keras import ops
 
+from keras_clip.layers.fast_ops import dense_rows
 from keras_clip.layers.initializers import torch_default_kernel
 
 
@@ -13,8 +15,11 @@ class CLIPAttention(keras.layers.Layer):
 
     Queries, keys and values come from one packed projection (`qkv`, kernel
     `(hidden_dim, 3 * hidden_dim)`, in q, k, v order), as in OpenAI's checkpoints
-    (`in_proj_weight`), so weights convert by a transpose. Softmax runs in float32
-    under mixed precision.
+    (`in_proj_weight`), so weights convert by a transpose. The scores are scaled by
+    `head_dim^-0.5` and soft-maxed in float32 under bf16 compute (the reference
+    scales the queries before the product: the same up to rounding). The projections
+    run as fused oneDNN `MatMul+BiasAdd` on `(batch * length, hidden_dim)` rows
+    (`keras_clip.layers.fast_ops`).
 
     Args:
         hidden_dim: int. Width of the input and output.
@@ -80,22 +85,25 @@ class CLIPAttention(keras.layers.Layer):
 
     def call(self, x, causal=False):
         batch, length = ops.shape(x)[0], ops.shape(x)[1]
-        # A split, not slicing: the gradient of a split is a concatenation, while
-        # that of a strided slice (StridedSliceGrad) took ~150 ms of a 900 ms
-        # clip_vit_tiny training step on CPU.
-        heads = (batch, length, self.num_heads, self.head_dim)
-        q, k, v = (ops.reshape(t, heads) for t in ops.split(self.qkv(x), 3, axis=-1))  # (B, T, H, Dh)
-        q = q * ops.cast(1.0 / math.sqrt(self.head_dim), q.dtype)
-        scores = ops.einsum("bqhd,bkhd->bhqk", q, k)  # (B, H, T, T)
-        scores = ops.cast(scores, "float32")
+        rows = ops.reshape(x, (-1, self.hidden_dim))  # (B*T, D)
+        # One fused MatMul+BiasAdd (oneDNN), then one transpose puts q, k, v each in
+        # (B, H, T, Dh), the layout batched matmuls take without further copies.
+        # Unstacking, not slicing: the gradient of an unstack is a stack, while that
+        # of a strided slice (StridedSliceGrad) took ~150 ms of a 900 ms clip_vit_tiny
+        # training step on CPU.
+        qkv = ops.reshape(dense_rows(self.qkv, rows),
+                          (batch, length, 3, self.num_heads, self.head_dim))
+        q, k, v = tf.unstack(ops.transpose(qkv, (2, 0, 3, 1, 4)))  # (B, H, T, Dh) each
+        scores = tf.matmul(q, k, transpose_b=True)  # (B, H, T, T)
+        scores = ops.cast(scores, "float32") * (1.0 / math.sqrt(self.head_dim))
         if causal:
             positions = ops.arange(length)
             allowed = positions[None, :] <= positions[:, None]  # (T, T)
             scores = ops.where(allowed[None, None], scores, -1e9)
-        probs = ops.cast(ops.softmax(scores, axis=-1), v.dtype)
-        out = ops.einsum("bhqk,bkhd->bqhd", probs, v)  # (B, T, H, Dh)
-        out = ops.reshape(out, (batch, length, self.hidden_dim))
-        return self.out_proj(out)
+        probs = ops.cast(tf.nn.softmax(scores, axis=-1), v.dtype)
+        out = ops.transpose(tf.matmul(probs, v), (0, 2, 1, 3))  # (B, T, H, Dh)
+        out = dense_rows(self.out_proj, ops.reshape(out, (-1, self.hidden_dim)))  # (B*T, D)
+        return ops.reshape(out, (batch, length, self.hidden_dim))
 
     def compute_output_shape(self, input_shape):
         return input_shape

@@ -138,10 +138,25 @@ class CLIPVisionTransformer(keras.layers.Layer):
                   else tf.random.stateless_uniform(shape, seed, alg="philox"))  # (B, P); XLA too
         return tf.sort(tf.math.top_k(scores, self.num_kept_patches).indices, axis=-1)  # (B, K)
 
+    def patchify(self, images):
+        """`conv1(images)` as one matmul: `(B, S, S, 3)` -> `(B, g*g, D)`.
+
+        The patch convolution (stride = kernel size) is a matmul of the flattened
+        patches `(B*g*g, p*p*3)` with the kernel reshaped to `(p*p*3, D)` (Keras' kernel
+        is `(p, p, 3, D)`, flattened in the same row, column, channel order). oneDNN's
+        bf16 convolution took 15% of ViT-B/32's image encoding for 3% of its FLOPs.
+        """
+        g, p = self.grid_size, self.patch_size
+        batch = ops.shape(images)[0]
+        x = ops.cast(images, self.compute_dtype)
+        x = ops.reshape(x, (batch, g, p, g, p, 3))
+        x = ops.reshape(ops.transpose(x, (0, 1, 3, 2, 4, 5)), (-1, p * p * 3))  # (B*g*g, p*p*3)
+        kernel = ops.reshape(ops.cast(self.conv1.kernel, x.dtype), (p * p * 3, self.hidden_dim))
+        return ops.reshape(tf.matmul(x, kernel), (batch, g * g, self.hidden_dim))  # (B, g*g, D)
+
     def call(self, images, training=None, seed=None):
-        x = self.conv1(images)  # (B, g, g, D)
+        x = self.patchify(images)  # (B, g*g, D)
         batch = ops.shape(x)[0]
-        x = ops.reshape(x, (batch, self.grid_size**2, self.hidden_dim))  # (B, g*g, D)
         cls = ops.broadcast_to(
             ops.cast(self.class_embedding, x.dtype), (batch, 1, self.hidden_dim)
         )
