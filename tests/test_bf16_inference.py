@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from export import saved_model as export_lib
+from keras_clip.export import saved_model as export_lib
 from keras_clip import CLIP
 from keras_clip.layers.fast_ops import dense_rows, layer_norm
 from tests import harness
