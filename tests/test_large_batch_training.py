@@ -408,8 +408,11 @@ def test_remat_gives_the_plain_step_gradients(chunks):
     reference, reference_loss, plain_ops = _graph_step(config, data, gradient_cache_chunks=chunks)
     gradients, loss, remat_ops = _graph_step(config, data, gradient_cache_chunks=chunks, remat=True)
     assert loss == pytest.approx(reference_loss, rel=1e-6)
+    # Within 1e-5, as the issue asks: the recomputed forward is a separate graph, which
+    # oneDNN fuses (MatMul + BiasAdd + activation) and rounds in its own order (measured
+    # up to 3.6e-6 on gradients of order 1).
     for path, gradient in gradients.items():
-        np.testing.assert_allclose(gradient, reference[path], atol=1e-6, rtol=0, err_msg=path)
+        np.testing.assert_allclose(gradient, reference[path], atol=1e-5, rtol=0, err_msg=path)
     # tf.custom_gradient marks each rematerialised block with an IdentityN: 2 blocks per
     # pass of the towers; gradient caching runs the towers twice per chunk.
     assert remat_ops.count("IdentityN") - plain_ops.count("IdentityN") >= 2 * chunks
