@@ -94,13 +94,15 @@ def _stop_workers(processes, signum, timeout, out):
         except subprocess.TimeoutExpired:
             pass
     for index, proc in enumerate(processes):
+        # Decided before the SIGKILL: afterwards the worker may already be reaped.
+        ignored = proc.poll() is None
         try:  # the whole group: also children a worker may have started
             os.killpg(proc.pid, signal.SIGKILL)
-            if proc.poll() is None:
-                out.write(f"[launcher] worker {index} (pid {proc.pid}) ignored signal {signum}; "
-                          "sent SIGKILL\n")
         except (ProcessLookupError, PermissionError):
             pass
+        if ignored:
+            out.write(f"[launcher] worker {index} (pid {proc.pid}) ignored signal {signum}; "
+                      "sent SIGKILL\n")
         proc.wait()
 
 
