@@ -50,9 +50,8 @@ from absl import logging
 from keras_clip.data import augment
 from keras_clip.data import shards
 from keras_clip.data.spec import TABLE, TFRECORD, DataSpec
-from keras_clip.preprocessing.image_preprocessor import FORMAT_SIGNATURES
+from keras_clip.preprocessing.image_preprocessor import detect_format
 from keras_clip.preprocessing.image_preprocessor import OPENAI_MEAN
-from keras_clip.preprocessing.image_preprocessor import SIGNATURE_LENGTH
 from keras_clip.preprocessing.image_preprocessor import OPENAI_STD
 from keras_clip.preprocessing.image_preprocessor import CLIPImagePreprocessor
 from keras_clip.preprocessing.tokenizer import CLIPTokenizer
@@ -62,10 +61,6 @@ DEFAULT_SHUFFLE_BUFFER = 5000
 # TFRecord features that may hold the image: img2dataset names the feature after
 # its encode format. The first non-empty one is used.
 _IMAGE_FEATURES = (shards.IMAGE_FEATURE, "jpeg", "png", "webp")
-
-# Signatures of the formats the decoder accepts: the decoder's own table.
-_SIGNATURES = tuple(parts for _, parts in FORMAT_SIGNATURES)
-_SIGNATURE_LENGTH = SIGNATURE_LENGTH
 
 # Python's `str.isspace` characters, so "blank" means what `str.strip()` empties.
 _BLANK_PATTERN = (
@@ -191,7 +186,8 @@ def _add(counters, name, amount):
 def looks_like_image(image_bytes):
     """Whether scalar `tf.string` bytes start with a JPEG/PNG/GIF/BMP/WebP signature.
 
-    Reads only the first 12 bytes, so it is cheap to run before decoding.
+    Reads only the first bytes (`image_preprocessor.detect_format`, the decoder's
+    own table), so it is cheap to run before decoding.
 
     Args:
         image_bytes: scalar `tf.string`.
@@ -199,17 +195,7 @@ def looks_like_image(image_bytes):
     Returns:
         Scalar `tf.bool`.
     """
-    head = tf.strings.substr(image_bytes, 0, _SIGNATURE_LENGTH)
-    head = tf.strings.substr(tf.strings.join([head, b"\0" * _SIGNATURE_LENGTH]), 0, _SIGNATURE_LENGTH)
-    head = tf.io.decode_raw(head, tf.uint8)  # (12,)
-    matches = []
-    for parts in _SIGNATURES:
-        checks = [
-            tf.reduce_all(tf.equal(head[offset : offset + len(sig)], tf.constant(list(sig), tf.uint8)))
-            for offset, sig in parts
-        ]
-        matches.append(tf.reduce_all(tf.stack(checks)))
-    return tf.reduce_any(tf.stack(matches))
+    return detect_format(image_bytes) >= 0
 
 
 def _choose_caption(captions, seed, training):

@@ -41,6 +41,7 @@ keeps every frame in memory nor sizes its canvas by the largest.
 import keras
 import numpy as np
 import tensorflow as tf
+from tensorflow.core.framework import attr_value_pb2 as _attr_value_pb2
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -154,15 +155,71 @@ class _Bytes:
         return self.values[start : start + length]
 
 
+def _signature_table():
+    """`FORMAT_SIGNATURES` as arrays: expected bytes, which positions count, and
+    each row's format id (rows exclude each other)."""
+    expected = np.zeros([len(FORMAT_SIGNATURES), SIGNATURE_LENGTH], np.int32)
+    counted = np.zeros([len(FORMAT_SIGNATURES), SIGNATURE_LENGTH], bool)
+    for row, (_, parts) in enumerate(FORMAT_SIGNATURES):
+        for offset, part in parts:
+            expected[row, offset : offset + len(part)] = list(part)
+            counted[row, offset : offset + len(part)] = True
+    return expected, counted, np.array([value for value, _ in FORMAT_SIGNATURES], np.int32)
+
+
+_SIGNATURE_EXPECTED, _SIGNATURE_COUNTED, _SIGNATURE_FORMATS = _signature_table()
+
+
+def detect_format(image_bytes):
+    """Format id of one encoded image from its file signature (`FORMAT_SIGNATURES`):
+    `_JPEG` .. `_WEBP`, or -1 when none matches.
+
+    Reads only the first `SIGNATURE_LENGTH` bytes, with one vectorised comparison
+    against the whole table (a handful of ops, cheap enough for every record of an
+    input pipeline).
+
+    Args:
+        image_bytes: scalar `tf.string`.
+
+    Returns:
+        Scalar int32.
+    """
+    image_bytes = tf.convert_to_tensor(image_bytes, tf.string)
+    head = tf.strings.substr(image_bytes, 0, SIGNATURE_LENGTH)
+    padded = tf.strings.join([head, b"\0" * SIGNATURE_LENGTH])
+    head = tf.cast(tf.io.decode_raw(tf.strings.substr(padded, 0, SIGNATURE_LENGTH), tf.uint8), tf.int32)
+    # Positions past the end read -1, which no signature byte equals.
+    head = tf.where(tf.range(SIGNATURE_LENGTH) < tf.strings.length(image_bytes), head, -1)  # (L,)
+    matches = tf.reduce_all(
+        tf.equal(head[None], _SIGNATURE_EXPECTED) | ~_SIGNATURE_COUNTED, axis=1
+    )  # (rows,)
+    return tf.reduce_max(tf.where(matches, _SIGNATURE_FORMATS, -1))
+
+
 def _detect_format(image_bytes, data):
-    """Format id from the file signature (`FORMAT_SIGNATURES`), or -1 when none
-    matches (the signatures exclude each other)."""
-    del image_bytes  # read through `data`
-    format_id = tf.constant(-1)
-    for value, parts in FORMAT_SIGNATURES:
-        flag = tf.reduce_all(tf.stack([data.matches(offset, part) for offset, part in parts]))
-        format_id = tf.where(flag, value, format_id)
-    return format_id
+    del data  # the signature is read from the first bytes alone
+    return detect_format(image_bytes)
+
+
+def _unlowered(build):
+    """Runs `build()` (which makes one `tf.cond` / `tf.switch_case`) and marks the
+    resulting If/Case op to run as a function call instead of being lowered to
+    Switch/Merge. Lowered, every op of every branch not taken still runs, passing
+    "dead" values along: with the other formats' decoders and the JPEG segment
+    walk in untaken branches, that cost several times the JPEG decode itself per
+    image (benchmarks/training_faults.py). A function call runs the taken branch
+    alone."""
+    if tf.executing_eagerly():
+        return build()
+    graph = tf.compat.v1.get_default_graph()
+    before = len(graph.get_operations())
+    result = build()
+    for op in graph.get_operations()[before:]:
+        if op.type in ("If", "StatelessIf", "Case", "StatelessCase"):
+            op._set_attr(  # pylint: disable=protected-access
+                "_lower_using_switch_merge", _attr_value_pb2.AttrValue(b=False)
+            )
+    return result
 
 
 def _check(condition, prefix, reason):
@@ -258,14 +315,16 @@ def _jpeg_walk(data):
             "height": height, "width": width}
 
 
-def _decode_jpeg(image_bytes, data, prefix, limits):
+def _decode_jpeg(image_bytes, prefix, limits):
     # PIL, like TensorFlow, rejects a JPEG without its end-of-image marker ("image
     # file is truncated"). A file ending in FFD9 is complete; otherwise an EOI
     # must follow the first SOS (entropy-coded data never contains FFD9). Bytes
     # that do not parse as segments are left to the decoder.
-    ends_with_eoi = tf.equal(data.at(data.size - 2), 0xFF) & tf.equal(data.at(data.size - 1), 0xD9)
+    length = tf.strings.length(image_bytes)
+    ends_with_eoi = tf.equal(tf.strings.substr(image_bytes, tf.maximum(length - 2, 0), 2), b"\xff\xd9")
 
     def walk():
+        data = _Bytes(image_bytes)
         result = _jpeg_walk(data)
         state = result["state"]
         too_many = tf.equal(state, _WALKING) & (result["segments"] >= MAX_JPEG_SEGMENTS)
@@ -276,9 +335,9 @@ def _decode_jpeg(image_bytes, data, prefix, limits):
         )
         return too_many, complete
 
-    too_many, complete = tf.cond(
+    too_many, complete = _unlowered(lambda: tf.cond(
         ends_with_eoi, lambda: (tf.constant(False), tf.constant(True)), walk
-    )
+    ))
     checks = [
         _check(
             ~too_many,
@@ -709,22 +768,23 @@ def _decode_rgba(image_bytes, index=None, limits=None):
     limits = limits or _Limits(DEFAULT_MAX_PIXELS)
     image_bytes = tf.convert_to_tensor(image_bytes, tf.string)
     prefix = _bytes_prefix(index)
-    data = _Bytes(image_bytes)
-    format_id = _detect_format(image_bytes, data)
-    length = tf.strings.as_string(data.size)
+    format_id = detect_format(image_bytes)
+    length = tf.strings.as_string(tf.strings.length(image_bytes))
     reason = tf.strings.join(["unrecognised file signature (", length, " bytes)"])
     message = tf.strings.join([prefix, f" are not a decodable {SUPPORTED_FORMATS} image: ", reason])
     check = tf.debugging.Assert(format_id >= 0, [message], name="check_image_signature")
     with tf.control_dependencies([check]):
         format_id = tf.identity(format_id)
+    # Each branch reads the bytes it needs itself: the common JPEG path never
+    # copies the whole file into a byte tensor.
     branches = [
-        lambda: _decode_jpeg(image_bytes, data, prefix, limits),
-        lambda: _decode_png(image_bytes, data, prefix, limits),
-        lambda: _decode_gif(image_bytes, data, prefix, limits),
-        lambda: _decode_bmp(image_bytes, data, prefix, limits),
-        lambda: _decode_webp(image_bytes, data, prefix, limits),
+        lambda: _decode_jpeg(image_bytes, prefix, limits),
+        lambda: _decode_png(image_bytes, _Bytes(image_bytes), prefix, limits),
+        lambda: _decode_gif(image_bytes, _Bytes(image_bytes), prefix, limits),
+        lambda: _decode_bmp(image_bytes, _Bytes(image_bytes), prefix, limits),
+        lambda: _decode_webp(image_bytes, _Bytes(image_bytes), prefix, limits),
     ]
-    rgba, mode = tf.switch_case(format_id, branches)
+    rgba, mode = _unlowered(lambda: tf.switch_case(format_id, branches))
     return tf.ensure_shape(rgba, [None, None, 4]), mode
 
 
@@ -767,9 +827,9 @@ def declared_size(image_bytes):
     def unknown():
         return zero, zero, tf.constant(False)
 
-    height, width, known = tf.switch_case(
+    height, width, known = _unlowered(lambda: tf.switch_case(
         tf.where(format_id >= 0, format_id, 5), [jpeg, png, gif, bmp, webp, unknown]
-    )
+    ))
     return tf.where(known, height, 0), tf.where(known, width, 0), known
 
 
@@ -1193,7 +1253,7 @@ class CLIPImagePreprocessor(keras.layers.Layer):
             )
         if jpeg_header_reader == "libjpeg":
             image_bytes = tf.convert_to_tensor(image_bytes, tf.string)
-            is_jpeg = tf.io.is_jpeg(image_bytes)  # the signature `_detect_format` reads
+            is_jpeg = tf.equal(detect_format(image_bytes), _JPEG)
 
             def libjpeg():
                 shape = tf.cast(tf.io.extract_jpeg_shape(image_bytes), tf.int64)
@@ -1203,7 +1263,7 @@ class CLIPImagePreprocessor(keras.layers.Layer):
                 height, width, _ = declared_size(image_bytes)
                 return height, width
 
-            height, width = tf.cond(is_jpeg, libjpeg, walk)
+            height, width = _unlowered(lambda: tf.cond(is_jpeg, libjpeg, walk))
         else:
             height, width, _ = declared_size(image_bytes)
         limits = _Limits(self.max_pixels, self.image_size if check_resize else None)
