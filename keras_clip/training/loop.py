@@ -423,7 +423,7 @@ def make_train_dataset_fn(context, state, counters):
             input_context.num_replicas_in_sync // input_context.num_input_pipelines, 1)
         first = input_context.input_pipeline_id * replicas_per_pipeline
         return context.train_spec.dataset(
-            image_size=model.image_size, context_length=model.context_length,
+            preprocessing=model.preprocessor_config,  # the preset's sizes, statistics and limit
             batch_size=config.global_batch_size, training=True, seed=config.seed,
             shuffle_buffer=config.shuffle_buffer, input_context=input_context, repeat=True,
             return_positions=True, counters=counters,
