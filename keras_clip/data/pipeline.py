@@ -57,6 +57,7 @@ from keras_clip.preprocessing.image_preprocessor import OPENAI_MEAN
 from keras_clip.preprocessing.image_preprocessor import SIGNATURE_LENGTH
 from keras_clip.preprocessing.image_preprocessor import OPENAI_STD
 from keras_clip.preprocessing.image_preprocessor import CLIPImagePreprocessor
+from keras_clip.preprocessing.text_cleaning import blank_mask, is_blank
 from keras_clip.preprocessing.tokenizer import CLIPTokenizer
 
 DEFAULT_SHUFFLE_BUFFER = 5000
@@ -68,12 +69,6 @@ _IMAGE_FEATURES = (shards.IMAGE_FEATURE, "jpeg", "png", "webp")
 # Signatures of the formats the decoder accepts: the decoder's own table.
 _SIGNATURES = tuple(parts for _, parts in FORMAT_SIGNATURES)
 _SIGNATURE_LENGTH = SIGNATURE_LENGTH
-
-# Python's `str.isspace` characters, so "blank" means what `str.strip()` empties.
-_BLANK_PATTERN = (
-    r"[\t\n\x{0b}\f\r\x{1c}-\x{1f} \x{85}\x{a0}\x{1680}\x{2000}-\x{200a}"
-    r"\x{2028}\x{2029}\x{202f}\x{205f}\x{3000}]*"
-)
 
 # Purposes of the seeds derived from `seed`.
 _FILE_SHUFFLE, _RECORD_SHUFFLE, _ELEMENT_SEEDS = 0, 1, 2
@@ -220,7 +215,7 @@ def _choose_caption(captions, seed, training):
     Returns:
         `(caption, found)`: scalar tf.string (empty when none) and tf.bool.
     """
-    kept = tf.boolean_mask(captions, ~tf.strings.regex_full_match(captions, _BLANK_PATTERN))  # (n,)
+    kept = tf.boolean_mask(captions, ~blank_mask(captions))  # (n,)
     count = tf.size(kept)
     if training:
         index = tf.random.stateless_uniform([], seed, 0, tf.maximum(count, 1), dtype=tf.int32)
@@ -904,7 +899,7 @@ def load_image_caption_pairs(spec, image_root="", max_images=None, problems=None
                     except UnicodeDecodeError:
                         invalid += 1
                         text = raw.decode("utf-8", errors="replace")
-                    if text.strip():
+                    if not is_blank(text):
                         texts.append(text)
                 if texts and looks_like_image(image_bytes):
                     images.append(image_bytes.numpy())

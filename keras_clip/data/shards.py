@@ -27,6 +27,8 @@ import tarfile
 import tensorflow as tf
 from absl import logging
 
+from keras_clip.preprocessing.text_cleaning import is_blank
+
 IMAGE_FEATURE = "jpg"
 CAPTION_FEATURE = "txt"
 CAPTIONS_FEATURE = "txts"
@@ -117,10 +119,6 @@ def write_shards(examples, output_dir, prefix="shard", examples_per_shard=1000):
         paths.append(path)
     logging.info("Wrote %d shards to %s.", count, output_dir)
     return paths
-
-
-def _is_blank(caption):
-    return not caption.strip()
 
 
 def _read_rows(path, delimiter):
@@ -234,7 +232,7 @@ def read_caption_table(csv_path, options=None, **fields):
     for row in rows:
         image_name = row[image_column]
         caption = (row[caption_column] or "").strip()
-        if _is_blank(caption):
+        if is_blank(caption):
             empty_captions += 1
             continue
         if group_by_image:
@@ -362,7 +360,7 @@ def convert_webdataset(tar_paths, output_dir, examples_per_shard=1000, prefix="s
             for key, members in _webdataset_samples(os.fspath(tar_path)):
                 counts["samples"] += 1
                 caption = members.get("txt", b"").decode("utf-8", errors="replace").strip()
-                if _is_blank(caption):
+                if is_blank(caption):
                     counts["empty_captions"] += 1
                     continue
                 image_bytes = next(

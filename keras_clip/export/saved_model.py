@@ -45,6 +45,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from keras_clip.preprocessing.text_cleaning import blank_mask
 from keras_clip.zero_shot import build_class_embeddings, class_logits, resolve_templates
 from keras_clip.serving.protocol import (CLASSIFY, DEFAULT_CLIENT_BATCH_SIZE,
                               ENCODE_IMAGE, ENCODE_TEXT, IMAGE_BYTES, IMAGE_EMBEDDINGS,
@@ -140,7 +141,7 @@ class CLIPServingModule(tf.Module):
 
     def _text_embeddings(self, texts):
         lengths = tf.strings.length(texts)  # (B,) bytes
-        blank = tf.equal(tf.strings.length(tf.strings.strip(texts)), 0)  # (B,)
+        blank = blank_mask(texts)  # (B,) empty or only whitespace (`str.isspace`, U+3000 included)
         too_long = lengths > self.max_text_bytes  # (B,)
         checks = [
             self._check_batch(texts, TEXTS),
