@@ -208,7 +208,6 @@ class CLIP(keras.Model):
         self._jit_towers = False
         self._gradient_cache_chunks = 1
         self._encode_pair_fn = None
-        self.logits_hook = None  # called with (logits_per_image,) at trace time; for tests
         self._trackers = {
             name: keras.metrics.Mean(name=name)
             for name in ("loss", "image_to_text_accuracy", "text_to_image_accuracy",
@@ -419,8 +418,6 @@ class CLIP(keras.Model):
                                       self.logit_bias(), offset)
         else:
             out = losses.clip_loss(image, text, all_image, all_text, self.logit_scale(), offset)
-        if self.logits_hook is not None:
-            self.logits_hook(out["logits_per_image"])
         return out
 
     @contextlib.contextmanager
