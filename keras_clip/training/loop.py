@@ -636,12 +636,6 @@ def finalize(context, plan, state, result):
         "per_replica_logits_shape": per_replica_logits_shape(config, strategy, result, state),
         "stopped_early": result.stopped_early,
     }
-    if config.time_collectives_steps > 0:  # every worker: the collectives must match
-        from keras_clip.training.collectives import time_collectives
-
-        summary["collectives"] = time_collectives(model, strategy, config.global_batch_size,
-                                                  steps=config.time_collectives_steps)
-        logging.info("Collectives alone (ms/step): %s", summary["collectives"])
     if context.is_chief:
         _save_preset(model, _join(config.model_dir, "preset"))
         if context.val_spec is not None:
