@@ -162,3 +162,19 @@ def test_round_trips_through_open_clip_and_hf_folders(tmp_path):
         model.save_checkpoint(str(tmp_path / fmt), format=fmt)
         loaded = CLIP.from_preset(str(tmp_path / fmt))
         assert (loaded.preprocessor_config.mean, loaded.preprocessor_config.std) == (MEAN, STD), fmt
+
+
+def test_reader_options_keep_the_callers_counters_and_take_the_preset(preset):
+    from keras_clip.data.pipeline import PipelineCounters, ReaderOptions
+
+    counters = PipelineCounters()
+    loaded = CLIP.from_preset(str(preset))
+    options = ReaderOptions.of(batch_size=4, counters=counters)
+    derived = ReaderOptions.of(options, preprocessing=loaded.preprocessor_config, seed=3)
+    assert derived.counters is counters and derived.seed == 3 and derived.batch_size == 4
+    assert (derived.image_size, derived.context_length, derived.mean, derived.std) == (
+        IMAGE_SIZE, CONTEXT_LENGTH, MEAN, STD)
+    with pytest.raises(TypeError, match=r"Unknown reader options: \['colour'\]"):
+        ReaderOptions.of(batch_size=4, colour=1)
+    with pytest.raises(ValueError, match=r"`batch_size` must be an integer >= 1. Received: batch_size=None"):
+        ReaderOptions.of()

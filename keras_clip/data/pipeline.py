@@ -554,7 +554,8 @@ class ReaderOptions:
         unknown = sorted(set(fields) - {field.name for field in dataclasses.fields(cls)})
         if unknown:
             raise TypeError(f"Unknown reader options: {unknown}")
-        values = {} if options is None else dataclasses.asdict(options)
+        # Field by field: `dataclasses.asdict` would deep-copy the counters.
+        values = {} if options is None else {f.name: getattr(options, f.name) for f in dataclasses.fields(cls)}
         if preprocessing is not None:
             values.update(image_size=preprocessing.image_size, context_length=preprocessing.context_length,
                           mean=preprocessing.mean, std=preprocessing.std,
