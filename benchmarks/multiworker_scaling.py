@@ -6,8 +6,8 @@ Both runs use the same code path (`strategy.run(model.train_step)`); the 2-worke
 adds the all-gather of features and the all-reduce of gradients over loopback gRPC
 and shares the machine's cores between the workers. The difference in step time
 between the runs is reported as the communication + sharing overhead. The 2-worker
-run then times its collectives on their own (`--time_collectives_steps`,
-`keras_clip.training.collectives`): the features' all-gather with its gradient,
+run is followed by `benchmarks/collectives.py` on the same 2 workers, which times
+the step's collectives on their own: the features' all-gather with its gradient,
 and the gradient all-reduce, at the step's sizes.
 """
 import argparse
@@ -48,8 +48,7 @@ def main():
                 cmd = [sys.executable, str(ROOT / "training" / "run.py"), *flags, "--strategy=one_device"]
             else:
                 cmd = [sys.executable, str(ROOT / "training" / "launch.py"), f"--num_workers={workers}",
-                       "--", *flags, "--strategy=multiworker",
-                       f"--time_collectives_steps={args.collective_steps}"]
+                       "--", *flags, "--strategy=multiworker"]
             subprocess.run(cmd, env=env, check=True, capture_output=True)
             summary = json.loads((model_dir / "summary.json").read_text())
             results[workers] = summary
@@ -63,9 +62,15 @@ def main():
               f"compute on the same {os.cpu_count()} cores, so 2-worker step - 2 x 1-worker step = "
               f"{1000 * (two - 2 * one):+.0f} ms/step is what communication adds net of overlap "
               "and of the two processes' different threading")
-        c = results[2]["collectives"]
+        collectives_file = pathlib.Path(tmp) / "collectives.json"
+        subprocess.run([sys.executable, str(ROOT / "training" / "launch.py"), "--num_workers=2",
+                        f"--script={ROOT / 'benchmarks' / 'collectives.py'}", "--",
+                        f"--preset={args.preset}", f"--global_batch_size={2 * args.per_replica_batch}",
+                        f"--steps={args.collective_steps}", f"--output={collectives_file}"],
+                       env=env, check=True, capture_output=True)
+        c = json.loads(collectives_file.read_text())
         print(f"Collectives alone, 2 workers, {c['steps']} repetitions each (after training, same "
-              f"cluster): all-gather of features + its gradient {c['all_gather_ms']:.1f} ms/step "
+              f"machine): all-gather of features + its gradient {c['all_gather_ms']:.1f} ms/step "
               f"({c['gathered_bytes'] / 1024:.0f} KiB gathered), gradient all-reduce "
               f"{c['gradient_all_reduce_ms']:.1f} ms/step ({c['all_reduced_bytes'] / 2**20:.1f} MiB, "
               f"token-embedding gradient as {c['sparse_gradient_rows']} rows), "

@@ -362,3 +362,27 @@ def write_all(root, seed=0):
     write_cifar10(root / "cifar10_test", seed=seed)
     write_mnist(root / "mnist_test", seed=seed)
     return root
+
+
+def record_logits_shapes(shapes, convert=tuple, monkeypatch=None):
+    """Appends `convert(logits_per_image.shape)` to `shapes` for every contrastive loss
+    a `CLIP` step builds (at trace time), by wrapping `keras_clip.losses.clip_loss` and
+    `sigmoid_loss`, which the model looks up when it traces. With a pytest
+    `monkeypatch` the wrapping is undone after the test; without, it lasts for the
+    process (the subprocess scripts)."""
+    from keras_clip import losses
+
+    def wrap(function):
+        def wrapped(*args, **kwargs):
+            out = function(*args, **kwargs)
+            shapes.append(convert(out["logits_per_image"].shape))
+            return out
+        return wrapped
+
+    for name in ("clip_loss", "sigmoid_loss"):
+        wrapped = wrap(getattr(losses, name))
+        if monkeypatch is not None:
+            monkeypatch.setattr(losses, name, wrapped)
+        else:
+            setattr(losses, name, wrapped)
+    return shapes

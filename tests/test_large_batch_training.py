@@ -209,13 +209,12 @@ def test_locked_resnet_keeps_its_batch_norm_statistics():
 
 
 @pytest.mark.parametrize("loss", ["softmax", "sigmoid"])
-def test_gradient_cache_matches_the_plain_step(loss):
+def test_gradient_cache_matches_the_plain_step(loss, monkeypatch):
     config = dict(TINY, loss=loss)
     data = _batch(8)
     reference, reference_loss = _gradients(harness.tiny_clip(**config), data)
-    seen = []
     model = harness.tiny_clip(**config)
-    model.logits_hook = lambda logits: seen.append(tuple(logits.shape))
+    seen = harness.record_logits_shapes([], monkeypatch=monkeypatch)
     gradients, loss_value = _gradients(model, data, gradient_cache_chunks=4)
     assert loss_value == pytest.approx(reference_loss, rel=1e-6)
     assert seen == [(8, 8)]  # one loss over the whole batch, not one per chunk

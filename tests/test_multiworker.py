@@ -54,7 +54,7 @@ def test_two_workers_reproduce_one_process_with_the_global_batch(setup, tmp_path
     assert single.returncode == 0, single.stdout[-3000:] + single.stderr[-3000:]
     launched = subprocess.run(
         [sys.executable, str(REPO / "training" / "launch.py"), "--num_workers=2", "--",
-         *_flags(setup, tmp_path / "multi", ["--strategy=multiworker", "--time_collectives_steps=3"])],
+         *_flags(setup, tmp_path / "multi", ["--strategy=multiworker"])],
         env=_env(), capture_output=True, text=True, timeout=900)
     assert launched.returncode == 0, launched.stdout[-5000:] + launched.stderr[-3000:]
     assert "[worker 1]" in launched.stdout and "all 2 workers finished" in launched.stdout
@@ -67,19 +67,8 @@ def test_two_workers_reproduce_one_process_with_the_global_batch(setup, tmp_path
     assert one["per_replica_logits_shape"] == [2 * PER_REPLICA_BATCH, 2 * PER_REPLICA_BATCH]
     assert len(two["loss_history"]) == STEPS
     np.testing.assert_allclose(two["loss_history"], one["loss_history"], rtol=1e-5)
-    # The communication probe ran the step's collectives at the step's sizes.
-    collectives = two["collectives"]
-    params = CLIP(**TINY).count_params()
-    assert collectives["num_replicas"] == 2
-    assert collectives["gathered_bytes"] == 2 * (2 * PER_REPLICA_BATCH) * TINY["embed_dim"] * 4
-    # Dense gradients for every variable but the token table, whose gradient is one
-    # row per token of the local batch (as tf.IndexedSlices).
-    vocabulary_rows, width = CLIP(**TINY).text.token_embedding.embeddings.shape
-    rows = PER_REPLICA_BATCH * TINY["context_length"]
-    assert collectives["sparse_gradient_rows"] == rows
-    assert collectives["all_reduced_bytes"] == 4 * (params - vocabulary_rows * width + rows * width)
-    assert min(collectives[k] for k in ("empty_ms", "all_gather_ms", "gradient_all_reduce_ms")) >= 0
-    assert "collectives" not in one
+    # The communication probe is a benchmark now (benchmarks/collectives.py), not part of a run.
+    assert "collectives" not in one and "collectives" not in two
     final_two = CLIP.from_preset(str(tmp_path / "multi" / "preset")).get_weights()
     final_one = CLIP.from_preset(str(tmp_path / "single" / "preset")).get_weights()
     for a, b in zip(final_two, final_one):
@@ -144,10 +133,34 @@ def _kill_worker_and_check(launcher, model_dir):
     assert f"worker 1 (pid {victim}) killed by signal 9" in err
 
 
+def test_collectives_benchmark_over_two_workers_times_the_step_sizes(setup, tmp_path):
+    """benchmarks/collectives.py, launched on 2 workers, runs the step's collectives at
+    the step's sizes (what `--time_collectives_steps` of the trainer did before)."""
+    output = tmp_path / "collectives.json"
+    launched = subprocess.run(
+        [sys.executable, str(REPO / "training" / "launch.py"), "--num_workers=2",
+         f"--script={REPO / 'benchmarks' / 'collectives.py'}", "--",
+         f"--preset={setup / 'preset'}", f"--global_batch_size={2 * PER_REPLICA_BATCH}", "--steps=3",
+         "--warmup=1", f"--output={output}"],
+        env=_env(), capture_output=True, text=True, timeout=900)
+    assert launched.returncode == 0, launched.stdout[-5000:] + launched.stderr[-3000:]
+    collectives = json.loads(output.read_text())
+    params = CLIP(**TINY).count_params()
+    assert (collectives["num_replicas"], collectives["steps"]) == (2, 3)
+    assert collectives["gathered_bytes"] == 2 * (2 * PER_REPLICA_BATCH) * TINY["embed_dim"] * 4
+    # Dense gradients for every variable but the token table, whose gradient is one
+    # row per token of the local batch (as tf.IndexedSlices).
+    vocabulary_rows, width = CLIP(**TINY).text.token_embedding.embeddings.shape
+    rows = PER_REPLICA_BATCH * TINY["context_length"]
+    assert collectives["sparse_gradient_rows"] == rows
+    assert collectives["all_reduced_bytes"] == 4 * (params - vocabulary_rows * width + rows * width)
+    assert min(collectives[k] for k in ("empty_ms", "all_gather_ms", "gradient_all_reduce_ms")) >= 0
+
+
 def test_collective_probe_in_one_process_reports_sizes_and_no_communication():
     import tensorflow as tf
 
-    from keras_clip.training.collectives import time_collectives
+    from benchmarks.collectives import time_collectives
 
     model = CLIP(**TINY)
     result = time_collectives(model, tf.distribute.OneDeviceStrategy("/cpu:0"), global_batch_size=6,

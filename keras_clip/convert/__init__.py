@@ -7,6 +7,7 @@ from absl import logging
 from keras_clip import presets
 from keras_clip.convert import huggingface, keras_hub_converter, openai
 from keras_clip.convert.checkpoint import TORCH_SUFFIXES, CheckpointError, read_state_dict
+from keras_clip.preprocessing.config import PreprocessingConfig
 
 __all__ = ["CheckpointError", "load_preset", "read_state_dict"]
 
@@ -84,6 +85,23 @@ def _safetensors_activation(path):
     return activation if activation in ("quick_gelu", "gelu") else None
 
 
+def _read_preprocessing(model, block):
+    """Sets `model.preprocessor_config` from a preset's `preprocessing` block (missing
+    keys: today's defaults); the model's own sizes and pixel limit win, so kwargs
+    overriding them at load time apply to the preprocessing too."""
+    model.preprocessor_config = PreprocessingConfig.from_dict(
+        block, image_size=model.image_size, context_length=model.context_length,
+        max_image_pixels=model.max_image_pixels)
+    return model
+
+
+def _json(path):
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
 def _from_folder(cls, path, load_weights, kwargs):
     config_path = os.path.join(path, "config.json")
     if os.path.isfile(config_path):
@@ -91,6 +109,7 @@ def _from_folder(cls, path, load_weights, kwargs):
             meta = json.load(f)
         if meta.get("module") == "keras_clip":
             model = _build(cls, meta["config"], kwargs)
+            _read_preprocessing(model, meta.get("preprocessing"))
             if load_weights:
                 model.load_weights(os.path.join(path, "model.weights.h5"))
             return model
@@ -110,19 +129,26 @@ def _from_folder(cls, path, load_weights, kwargs):
             # Before building: config.json must describe the model the weights fill.
             huggingface.check_config_matches_weights(config, sd)
         model = _build(cls, config, kwargs)
+        processor = _json(os.path.join(path, "preprocessor_config.json"))
+        _read_preprocessing(model, {key: processor[hf_key] for key, hf_key in
+                                    (("mean", "image_mean"), ("std", "image_std")) if hf_key in processor})
         if sd is not None:
             openai.load_state_dict(model, sd)
         return model
     open_clip_config = os.path.join(path, "open_clip_config.json")
     weights = [os.path.join(path, n) for n in _OPEN_CLIP_WEIGHTS if os.path.isfile(os.path.join(path, n))]
     if weights:
-        activation = "quick_gelu"
+        activation, preprocess_cfg = "quick_gelu", {}
         if os.path.isfile(open_clip_config):
             with open(open_clip_config) as f:
-                model_cfg = json.load(f).get("model_cfg", {})
-            activation = "quick_gelu" if model_cfg.get("quick_gelu") else "gelu"
+                meta = json.load(f)
+            activation = "quick_gelu" if meta.get("model_cfg", {}).get("quick_gelu") else "gelu"
+            preprocess_cfg = meta.get("preprocess_cfg", {})
         sd = read_state_dict(weights[0])
-        return _from_openai_state_dict(cls, sd, load_weights, {"activation": activation}, kwargs)
+        model = _from_openai_state_dict(cls, sd, load_weights, {"activation": activation}, kwargs)
+        return _read_preprocessing(model, {key: preprocess_cfg[key] for key in
+                                           ("mean", "std", "interpolation", "resize_mode")
+                                           if key in preprocess_cfg})
     raise ValueError(
         f"{path!r} is not a keras_clip preset folder (config.json + model.weights.h5), a "
         "Hugging Face CLIP folder (config.json + model.safetensors) or an open_clip folder "

@@ -113,14 +113,14 @@ def _check_representable(model, target, hf=False, bias=True):
 
 
 def preprocessing_config(model):
-    """Image size, mean and std of the model's `CLIPImagePreprocessor` (OpenAI's)."""
-    preprocessor = model.image_preprocessor()
+    """Image size, mean, std, interpolation and resize mode of `model.preprocessor_config`."""
+    config = model.preprocessor_config
     return {
-        "image_size": int(model.image_size),
-        "mean": [float(m) for m in preprocessor.mean],
-        "std": [float(s) for s in preprocessor.std],
-        "interpolation": "bicubic",
-        "resize_mode": "shortest",
+        "image_size": int(config.image_size),
+        "mean": [float(m) for m in config.mean],
+        "std": [float(s) for s in config.std],
+        "interpolation": config.interpolation,
+        "resize_mode": config.resize_mode,
     }
 
 

@@ -39,6 +39,7 @@ Bad records never reach the model and never stop training; see
 `PipelineCounters` for how they are counted.
 """
 
+import dataclasses
 import os
 import struct
 import zlib
@@ -50,10 +51,12 @@ from absl import logging
 from keras_clip.data import augment
 from keras_clip.data import shards
 from keras_clip.data.spec import TABLE, TFRECORD, DataSpec
+from keras_clip.preprocessing.image_preprocessor import DEFAULT_MAX_PIXELS
 from keras_clip.preprocessing.image_preprocessor import detect_format
 from keras_clip.preprocessing.image_preprocessor import OPENAI_MEAN
 from keras_clip.preprocessing.image_preprocessor import OPENAI_STD
 from keras_clip.preprocessing.image_preprocessor import CLIPImagePreprocessor
+from keras_clip.preprocessing.text_cleaning import blank_mask, is_blank
 from keras_clip.preprocessing.tokenizer import CLIPTokenizer
 
 DEFAULT_SHUFFLE_BUFFER = 5000
@@ -61,12 +64,6 @@ DEFAULT_SHUFFLE_BUFFER = 5000
 # TFRecord features that may hold the image: img2dataset names the feature after
 # its encode format. The first non-empty one is used.
 _IMAGE_FEATURES = (shards.IMAGE_FEATURE, "jpeg", "png", "webp")
-
-# Python's `str.isspace` characters, so "blank" means what `str.strip()` empties.
-_BLANK_PATTERN = (
-    r"[\t\n\x{0b}\f\r\x{1c}-\x{1f} \x{85}\x{a0}\x{1680}\x{2000}-\x{200a}"
-    r"\x{2028}\x{2029}\x{202f}\x{205f}\x{3000}]*"
-)
 
 # Purposes of the seeds derived from `seed`.
 _FILE_SHUFFLE, _RECORD_SHUFFLE, _ELEMENT_SEEDS = 0, 1, 2
@@ -204,7 +201,7 @@ def _choose_caption(captions, seed, training):
     Returns:
         `(caption, found)`: scalar tf.string (empty when none) and tf.bool.
     """
-    kept = tf.boolean_mask(captions, ~tf.strings.regex_full_match(captions, _BLANK_PATTERN))  # (n,)
+    kept = tf.boolean_mask(captions, ~blank_mask(captions))  # (n,)
     count = tf.size(kept)
     if training:
         index = tf.random.stateless_uniform([], seed, 0, tf.maximum(count, 1), dtype=tf.int32)
@@ -272,27 +269,7 @@ def _sharding(input_context, batch_size):
     )
 
 
-def _build_pipeline(
-    source,
-    extract,
-    *,
-    batch_size,
-    image_size,
-    context_length,
-    training,
-    seed,
-    shuffle_buffer,
-    skip_records,
-    counters,
-    mean,
-    std,
-    scale,
-    return_keys,
-    element_shards=(1, 0),
-    repeat=False,
-    return_positions=False,
-    data_name="",
-):
+def _build_pipeline(source, extract, options, batch_size, element_shards=(1, 0), data_name=""):
     """Everything after the source; see the module docstring.
 
     Args:
@@ -305,9 +282,13 @@ def _build_pipeline(
             seeds and the shuffle, so with equal seeds every step's global batch
             holds exactly the examples (and crops, and captions) that one process
             reading everything with the global batch size would put in it.
+        options: the `ReaderOptions`.
         data_name: what the records come from, for error messages.
-        (others: as in `tfrecord_dataset`.)
     """
+    training, seed, shuffle_buffer = options.training, options.seed, options.shuffle_buffer
+    skip_records, repeat, counters = options.skip_records, options.repeat, options.counters
+    image_size, scale = options.image_size, options.scale
+    return_keys, return_positions = options.return_keys, options.return_positions
     if element_shards[0] > 1 and seed is None:
         # Every pipeline must shuffle identically before dealing out blocks.
         seed = 0
@@ -316,8 +297,9 @@ def _build_pipeline(
     parallel = dict(num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
     # Counting decode failures as gaps in the numbering needs the order kept.
     in_order = dict(num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    preprocessor = CLIPImagePreprocessor(image_size=image_size, mean=mean, std=std, dtype="float32")
-    tokenizer = CLIPTokenizer(context_length=context_length)
+    preprocessor = CLIPImagePreprocessor(image_size=image_size, mean=options.mean, std=options.std,
+                                         max_pixels=options.max_pixels, dtype="float32")
+    tokenizer = CLIPTokenizer(context_length=options.context_length)
 
     if training:
         element_seeds = tf.data.Dataset.random(
@@ -470,7 +452,13 @@ def _build_pipeline(
 # --------------------------------------------------------------------------
 
 
-_COMMON_ARGS_DOC = """
+@dataclasses.dataclass(frozen=True, eq=False)
+class ReaderOptions:
+    """What every reader (`tfrecord_dataset`, `csv_dataset`, `tfds_dataset`) takes
+    besides its source; each reader accepts an instance and/or these fields as
+    keyword arguments.
+
+    Attributes:
         batch_size: int, the global batch size; with `input_context`, each
             pipeline batches `input_context.get_per_replica_batch_size(batch_size)`.
         image_size: int, side of the square output images.
@@ -488,11 +476,6 @@ _COMMON_ARGS_DOC = """
         input_context: optional `tf.distribute.InputContext`; the pipeline then
             reads its share (by file when there are at least
             `num_input_pipelines` files, else by element).
-        repeat: bool. Loop over the records forever, each pass reshuffled with new
-            captions and crops; with `seed` the whole stream is reproducible, and
-            batches run on across passes (only an infinite stream drops nothing).
-            One dataset object then serves a whole training run: building one
-            (tracing the decoding and tokenizing graphs) takes seconds.
         skip_records: int, records to skip after shuffling and before parsing
             (so skipping is cheap), to resume mid-epoch: with the same `seed`,
             the first iteration is the rest of the first iteration of a dataset
@@ -504,9 +487,16 @@ _COMMON_ARGS_DOC = """
             dropped, or no record at all) raises `tf.errors.InvalidArgumentError`
             starting with "No usable record in a whole pass" instead of looping
             forever (after one pass; after two when resuming mid-pass).
+        repeat: bool. Loop over the records forever, each pass reshuffled with new
+            captions and crops; with `seed` the whole stream is reproducible, and
+            batches run on across passes (only an infinite stream drops nothing).
+            One dataset object then serves a whole training run: building one
+            (tracing the decoding and tokenizing graphs) takes seconds.
         counters: optional `PipelineCounters` to update.
         mean: 3 floats, normalisation mean (OpenAI's by default).
         std: 3 floats, normalisation standard deviation (OpenAI's by default).
+        max_pixels: int, largest image (width x height) decoded; larger ones are
+            dropped and counted as `too_large`.
         scale: `(low, high)` crop area range of the training RandomResizedCrop.
         return_keys: bool, also return `"keys"`, tf.string `(B,)`.
         return_positions: bool, also return `"positions"`, int64 `(B,)`: each
@@ -514,14 +504,74 @@ _COMMON_ARGS_DOC = """
             record, dropped ones too, from the start of the stream). A
             trainer resumes exactly with `skip_records` = the largest position
             consumed + 1.
-"""
+
+    Example:
+
+    >>> options = ReaderOptions.of(batch_size=32, preprocessing=model.preprocessor_config)
+    >>> dataset = tfrecord_dataset("shards/*.tfrecord", options, seed=0)
+    """
+
+    batch_size: int = None
+    image_size: int = 224
+    context_length: int = 77
+    training: bool = True
+    seed: int = None
+    shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER
+    input_context: object = None
+    skip_records: int = 0
+    repeat: bool = False
+    counters: object = None
+    mean: tuple = OPENAI_MEAN
+    std: tuple = OPENAI_STD
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    scale: tuple = augment.DEFAULT_SCALE
+    return_keys: bool = False
+    return_positions: bool = False
+
+    @classmethod
+    def of(cls, options=None, preprocessing=None, **fields):
+        """Validated options: `options` (or the defaults), then the sizes, statistics
+        and pixel limit of `preprocessing` (a `PreprocessingConfig`), then `fields`.
+
+        Raises:
+            TypeError: a field that does not exist.
+            ValueError: a value out of range.
+        """
+        unknown = sorted(set(fields) - {field.name for field in dataclasses.fields(cls)})
+        if unknown:
+            raise TypeError(f"Unknown reader options: {unknown}")
+        # Field by field: `dataclasses.asdict` would deep-copy the counters.
+        values = {} if options is None else {f.name: getattr(options, f.name) for f in dataclasses.fields(cls)}
+        if preprocessing is not None:
+            values.update(image_size=preprocessing.image_size, context_length=preprocessing.context_length,
+                          mean=preprocessing.mean, std=preprocessing.std,
+                          max_pixels=preprocessing.max_image_pixels)
+        values.update(fields)
+        return cls(**values).validate()
+
+    def validate(self):
+        """Returns `self`; raises `ValueError` for a value out of range."""
+        _validate(self.batch_size, self.image_size, self.context_length, self.seed, self.shuffle_buffer,
+                  self.skip_records)
+        return self
+
+    def sharding(self):
+        """`(num_pipelines, pipeline_id, per_replica_batch_size)`."""
+        return _sharding(self.input_context, self.batch_size)
 
 
-def _doc(function):
-    """Fills the shared keyword arguments into a reader's docstring."""
-    if function.__doc__ is not None:  # None under `python -OO`.
-        function.__doc__ = function.__doc__.replace("        {common_args}\n", _COMMON_ARGS_DOC.lstrip("\n"))
-    return function
+def _read(source, extract, options, by_element, data_name):
+    """The tail every reader shares: the pipeline after its per-worker `source`."""
+    num_pipelines, pipeline_id, per_replica_batch = options.sharding()
+    element_shards = (num_pipelines, pipeline_id) if by_element else (1, 0)
+    return _build_pipeline(source, extract, options, per_replica_batch, element_shards, data_name)
+
+
+def _split_kwargs(kwargs, cls):
+    """`(fields of `cls`, the rest)` of keyword arguments."""
+    names = {field.name for field in dataclasses.fields(cls)}
+    return ({k: v for k, v in kwargs.items() if k in names},
+            {k: v for k, v in kwargs.items() if k not in names})
 
 
 def _resolve_files(file_pattern_or_list):
@@ -558,26 +608,7 @@ def _parse_tfrecord(serialized):
     return image_bytes, captions, parsed[shards.KEY_FEATURE]
 
 
-@_doc
-def tfrecord_dataset(
-    file_pattern_or_list,
-    *,
-    batch_size,
-    image_size=224,
-    context_length=77,
-    training=True,
-    seed=None,
-    shuffle_buffer=DEFAULT_SHUFFLE_BUFFER,
-    input_context=None,
-    skip_records=0,
-    repeat=False,
-    counters=None,
-    mean=OPENAI_MEAN,
-    std=OPENAI_STD,
-    scale=augment.DEFAULT_SCALE,
-    return_keys=False,
-    return_positions=False,
-):
+def tfrecord_dataset(file_pattern_or_list, options=None, **kwargs):
     """Image-caption batches from TFRecord shards in img2dataset's schema.
 
     Reads `jpg` (or img2dataset's `jpeg`/`png`/`webp`), `txt`, `key` and the
@@ -588,7 +619,8 @@ def tfrecord_dataset(
 
     Args:
         file_pattern_or_list: a glob pattern, a path, or a list of either.
-        {common_args}
+        options: a `ReaderOptions`.
+        **kwargs: `ReaderOptions` fields, overriding `options`.
 
     Returns:
         `tf.data.Dataset` of `{"images": float32 (B, S, S, 3), "token_ids":
@@ -602,9 +634,10 @@ def tfrecord_dataset(
     >>> batch["images"].shape, batch["token_ids"].shape
     (TensorShape([128, 224, 224, 3]), TensorShape([128, 77]))
     """
-    _validate(batch_size, image_size, context_length, seed, shuffle_buffer, skip_records)
+    options = ReaderOptions.of(options, **kwargs)
+    training, seed = options.training, options.seed
     files = _resolve_files(file_pattern_or_list)
-    num_pipelines, pipeline_id, per_replica_batch = _sharding(input_context, batch_size)
+    num_pipelines, pipeline_id, per_replica_batch = options.sharding()
     by_file = num_pipelines > 1 and len(files) >= num_pipelines
     by_element = num_pipelines > 1 and not by_file
     if by_file:
@@ -626,44 +659,11 @@ def tfrecord_dataset(
         num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=by_element or seed is not None or not training,
     )
-    return _build_pipeline(
-        source, _parse_tfrecord, batch_size=per_replica_batch, image_size=image_size,
-        context_length=context_length, training=training, seed=seed,
-        shuffle_buffer=shuffle_buffer, skip_records=skip_records, repeat=repeat, counters=counters,
-        mean=mean, std=std,
-        scale=scale, return_keys=return_keys, return_positions=return_positions,
-        element_shards=(num_pipelines, pipeline_id) if by_element else (1, 0),
-        data_name=f"{len(files)} TFRecord files ({_describe_files(files)})",
-    )
+    return _read(source, _parse_tfrecord, options, by_element,
+                 f"{len(files)} TFRecord files ({_describe_files(files)})")
 
 
-@_doc
-def csv_dataset(
-    csv_path,
-    image_root,
-    *,
-    batch_size,
-    image_column="image",
-    caption_column="caption",
-    delimiter=None,
-    group_by_image=True,
-    split_column=None,
-    split=None,
-    image_size=224,
-    context_length=77,
-    training=True,
-    seed=None,
-    shuffle_buffer=DEFAULT_SHUFFLE_BUFFER,
-    input_context=None,
-    skip_records=0,
-    repeat=False,
-    counters=None,
-    mean=OPENAI_MEAN,
-    std=OPENAI_STD,
-    scale=augment.DEFAULT_SCALE,
-    return_keys=False,
-    return_positions=False,
-):
+def csv_dataset(csv_path, image_root, options=None, table=None, **kwargs):
     """Image-caption batches read straight from a CSV/TSV and an image folder.
 
     The table is read once, in Python, when the dataset is built (same rules as
@@ -684,20 +684,23 @@ def csv_dataset(
             per epoch in training) rather than one record per row.
         split_column: optional column to filter rows on (Flickr8k: `"split"`).
         split: value of `split_column` to keep.
-        {common_args}
+        options: a `ReaderOptions`.
+        table: a `shards.TableOptions` (the six arguments above; they override it).
+        **kwargs: `ReaderOptions` fields (overriding `options`) and the
+            `TableOptions` fields above.
 
     Returns:
         `tf.data.Dataset` of `{"images": float32 (B, S, S, 3), "token_ids":
         int32 (B, T)}` (and `"keys"` with `return_keys`).
     """
-    _validate(batch_size, image_size, context_length, seed, shuffle_buffer, skip_records)
-    records, paths, counts, missing = read_table_records(
-        csv_path, image_root, image_column=image_column, caption_column=caption_column,
-        delimiter=delimiter, group_by_image=group_by_image, split_column=split_column, split=split,
-    )
+    table_fields, kwargs = _split_kwargs(kwargs, shards.TableOptions)
+    options = ReaderOptions.of(options, **kwargs)
+    table = shards.TableOptions.of(table, **table_fields)
+    training, seed = options.training, options.seed
+    records, paths, counts, missing = read_table_records(csv_path, image_root, table)
     if not records:
         raise ValueError(f"No usable records in {csv_path} (counts: {counts}, missing images: {missing}).")
-    num_pipelines, pipeline_id, per_replica_batch = _sharding(input_context, batch_size)
+    num_pipelines, pipeline_id, per_replica_batch = options.sharding()
     logging.info(
         "csv_dataset: %d records (%s) for pipeline %d/%d, per-replica batch %d, training=%s, seed=%s",
         len(records), counts, pipeline_id, num_pipelines, per_replica_batch, training, seed,
@@ -712,32 +715,25 @@ def csv_dataset(
         return tf.io.read_file(path_table[index]), captions, keys[index]
 
     source = tf.data.Dataset.range(len(records))
-    return _build_pipeline(
-        source, extract, batch_size=per_replica_batch, image_size=image_size,
-        context_length=context_length, training=training, seed=seed,
-        shuffle_buffer=shuffle_buffer, skip_records=skip_records, repeat=repeat, counters=counters,
-        mean=mean, std=std,
-        scale=scale, return_keys=return_keys, return_positions=return_positions,
-        element_shards=(num_pipelines, pipeline_id), data_name=f"{len(records)} records of {csv_path}",
-    )
+    return _read(source, extract, options, True, f"{len(records)} records of {csv_path}")
 
 
-def read_table_records(csv_path, image_root, **table_options):
+def read_table_records(csv_path, image_root, table=None, **table_fields):
     """The records `csv_dataset` reads from a table: `shards.read_caption_table`'s
     records (caption grouping, blank captions removed) whose image file exists.
 
     Args:
         csv_path: path of the `.csv`/`.tsv` table.
         image_root: folder the image column is relative to.
-        **table_options: `shards.read_caption_table` arguments (`image_column`,
-            `caption_column`, `delimiter`, `group_by_image`, `split_column`, `split`).
+        table: a `shards.TableOptions`.
+        **table_fields: `TableOptions` fields, overriding `table`.
 
     Returns:
         `(records, paths, counts, missing)`: the kept `(key, image_name, captions)`
         records, their image paths, the table's counts and the number of records
         left out because their image file does not exist.
     """
-    records, counts = shards.read_caption_table(os.fspath(csv_path), **table_options)
+    records, counts = shards.read_caption_table(os.fspath(csv_path), table, **table_fields)
     paths = [os.path.join(image_root, name) for _, name, _ in records]
     exists = [tf.io.gfile.exists(path) for path in paths]
     missing = exists.count(False)
@@ -766,30 +762,7 @@ def _get_nested(element, path):
     return element
 
 
-@_doc
-def tfds_dataset(
-    name,
-    split,
-    data_dir=None,
-    *,
-    batch_size,
-    image_key="image",
-    caption_key=None,
-    image_size=224,
-    context_length=77,
-    training=True,
-    seed=None,
-    shuffle_buffer=DEFAULT_SHUFFLE_BUFFER,
-    input_context=None,
-    skip_records=0,
-    repeat=False,
-    counters=None,
-    mean=OPENAI_MEAN,
-    std=OPENAI_STD,
-    scale=augment.DEFAULT_SCALE,
-    return_keys=False,
-    return_positions=False,
-):
+def tfds_dataset(name, split, data_dir=None, options=None, *, image_key="image", caption_key=None, **kwargs):
     """Image-caption batches from an already prepared TFDS dataset.
 
     The image feature is read undecoded (`tfds.decode.SkipDecoding`) and goes
@@ -805,7 +778,8 @@ def tfds_dataset(
         caption_key: feature holding the caption(s), `/` for nested features;
             a scalar or a sequence of strings. `None`: `"captions/text"` for
             coco_captions, else `"caption"` or `"text"`, whichever exists.
-        {common_args}
+        options: a `ReaderOptions`.
+        **kwargs: `ReaderOptions` fields, overriding `options`.
 
     Returns:
         `tf.data.Dataset` of `{"images": float32 (B, S, S, 3), "token_ids":
@@ -813,14 +787,15 @@ def tfds_dataset(
     """
     import tensorflow_datasets as tfds
 
-    _validate(batch_size, image_size, context_length, seed, shuffle_buffer, skip_records)
+    options = ReaderOptions.of(options, **kwargs)
+    training, seed = options.training, options.seed
     builder = tfds.builder(name, data_dir=data_dir)
     features = builder.info.features
     if caption_key is None:
         caption_key = _default_caption_key(name, features.keys())
     if image_key not in features:
         raise ValueError(f"`image_key` {image_key!r} is not a feature of {name}. Available: {sorted(features)}")
-    num_pipelines, pipeline_id, per_replica_batch = _sharding(input_context, batch_size)
+    num_pipelines, pipeline_id, per_replica_batch = options.sharding()
     num_files = builder.info.splits[split].num_shards
     by_file = num_pipelines > 1 and num_files >= num_pipelines
     by_element = num_pipelines > 1 and not by_file
@@ -832,7 +807,7 @@ def tfds_dataset(
     )
     read_config = tfds.ReadConfig(
         shuffle_seed=_derive_seed(seed, _FILE_SHUFFLE),
-        input_context=input_context if by_file else None,
+        input_context=options.input_context if by_file else None,
         add_tfds_id=True,
         try_autocache=False,
     )
@@ -846,15 +821,7 @@ def tfds_dataset(
         captions = tf.reshape(_get_nested(element, caption_key), [-1])
         return element[image_key], captions, element["tfds_id"]
 
-    return _build_pipeline(
-        source, extract, batch_size=per_replica_batch, image_size=image_size,
-        context_length=context_length, training=training, seed=seed,
-        shuffle_buffer=shuffle_buffer, skip_records=skip_records, repeat=repeat, counters=counters,
-        mean=mean, std=std,
-        scale=scale, return_keys=return_keys, return_positions=return_positions,
-        element_shards=(num_pipelines, pipeline_id) if by_element else (1, 0),
-        data_name=f"TFDS {name} split {split}",
-    )
+    return _read(source, extract, options, by_element, f"TFDS {name} split {split}")
 
 
 # --------------------------------------------------------------------------
@@ -919,7 +886,7 @@ def load_image_caption_pairs(spec, image_root="", max_images=None, problems=None
                     except UnicodeDecodeError:
                         invalid += 1
                         text = raw.decode("utf-8", errors="replace")
-                    if text.strip():
+                    if not is_blank(text):
                         texts.append(text)
                 if texts and looks_like_image(image_bytes):
                     images.append(image_bytes.numpy())

@@ -19,12 +19,15 @@ training pipeline checks signatures and drops undecodable files.
 """
 
 import csv
+import dataclasses
 import io
 import os
 import tarfile
 
 import tensorflow as tf
 from absl import logging
+
+from keras_clip.preprocessing.text_cleaning import is_blank
 
 IMAGE_FEATURE = "jpg"
 CAPTION_FEATURE = "txt"
@@ -118,10 +121,6 @@ def write_shards(examples, output_dir, prefix="shard", examples_per_shard=1000):
     return paths
 
 
-def _is_blank(caption):
-    return not caption.strip()
-
-
 def _read_rows(path, delimiter):
     """Rows of a CSV/TSV file as dicts; TSV is read unquoted (Flickr8k style)."""
     if delimiter is None:
@@ -158,19 +157,12 @@ def _repair(value):
     return value.encode("utf-8", errors="surrogateescape").decode("utf-8", errors="replace")
 
 
-def read_caption_table(
-    csv_path,
-    image_column="image",
-    caption_column="caption",
-    delimiter=None,
-    group_by_image=True,
-    split_column=None,
-    split=None,
-):
-    """Reads a CSV/TSV of (image file, caption) rows into per-record caption lists.
+@dataclasses.dataclass(frozen=True)
+class TableOptions:
+    """How an image-caption table is read; shared by `read_caption_table`,
+    `convert_csv`, `keras_clip.data.pipeline.csv_dataset` and record counting.
 
-    Args:
-        csv_path: path of a `.csv` or `.tsv` file with a header row.
+    Attributes:
         image_column: column holding the image file name, relative to an image
             root.
         caption_column: column holding the caption.
@@ -178,9 +170,43 @@ def read_caption_table(
             comma otherwise. Tab-separated files are read without quote handling
             (captions may contain `"`, as Flickr8k's do).
         group_by_image: whether all rows of an image become one record (captions
-            in file order); otherwise every row is its own record.
-        split_column: optional column to filter rows on.
+            in file order; one drawn per epoch in training); otherwise every row
+            is its own record.
+        split_column: optional column to filter rows on (Flickr8k: `"split"`).
         split: the value of `split_column` to keep; required with `split_column`.
+    """
+
+    image_column: str = "image"
+    caption_column: str = "caption"
+    delimiter: str = None
+    group_by_image: bool = True
+    split_column: str = None
+    split: str = None
+
+    @classmethod
+    def of(cls, options=None, **fields):
+        """Validated options: `options` (or the defaults) with `fields` replaced."""
+        options = cls() if options is None else options
+        return dataclasses.replace(options, **fields).validate()
+
+    def validate(self):
+        """Returns `self`; raises `ValueError` for `split_column` without `split` or
+        the reverse."""
+        if (self.split_column is None) != (self.split is None):
+            raise ValueError(
+                "`split_column` and `split` must be given together. "
+                f"Received: split_column={self.split_column!r}, split={self.split!r}"
+            )
+        return self
+
+
+def read_caption_table(csv_path, options=None, **fields):
+    """Reads a CSV/TSV of (image file, caption) rows into per-record caption lists.
+
+    Args:
+        csv_path: path of a `.csv` or `.tsv` file with a header row.
+        options: a `TableOptions`.
+        **fields: `TableOptions` fields, overriding `options`.
 
     Returns:
         `(records, counts)`: `records` is a list of `(key, image_name, captions)`
@@ -190,12 +216,10 @@ def read_caption_table(
         `invalid_utf8_rows` (rows whose invalid UTF-8 bytes were replaced by
         U+FFFD; they are kept).
     """
-    if (split_column is None) != (split is None):
-        raise ValueError(
-            "`split_column` and `split` must be given together. "
-            f"Received: split_column={split_column!r}, split={split!r}"
-        )
-    rows, columns, invalid_utf8_rows = _read_rows(csv_path, delimiter)
+    options = TableOptions.of(options, **fields)
+    image_column, caption_column = options.image_column, options.caption_column
+    split_column, split, group_by_image = options.split_column, options.split, options.group_by_image
+    rows, columns, invalid_utf8_rows = _read_rows(csv_path, options.delimiter)
     for name in [image_column, caption_column] + ([split_column] if split_column else []):
         if name not in columns:
             raise ValueError(f"Column {name!r} not found in {csv_path}. Available columns: {columns}")
@@ -208,7 +232,7 @@ def read_caption_table(
     for row in rows:
         image_name = row[image_column]
         caption = (row[caption_column] or "").strip()
-        if _is_blank(caption):
+        if is_blank(caption):
             empty_captions += 1
             continue
         if group_by_image:
@@ -232,19 +256,8 @@ def read_caption_table(
     return records, counts
 
 
-def convert_csv(
-    csv_path,
-    image_root,
-    output_dir,
-    image_column="image",
-    caption_column="caption",
-    delimiter=None,
-    group_by_image=True,
-    split_column=None,
-    split=None,
-    examples_per_shard=1000,
-    prefix="shard",
-):
+def convert_csv(csv_path, image_root, output_dir, options=None, examples_per_shard=1000, prefix="shard",
+                **fields):
     """Converts a CSV/TSV of image files and captions to TFRecord shards.
 
     Flickr8k's `captions.tsv` (columns `image`, `caption_idx`, `split`,
@@ -255,15 +268,10 @@ def convert_csv(
         csv_path: path of a `.csv` or `.tsv` file with a header row.
         image_root: folder that the image column is relative to.
         output_dir: folder to write the shards to.
-        image_column: column holding the image file name.
-        caption_column: column holding the caption.
-        delimiter: field delimiter; `None`: tab for `.tsv`, comma otherwise.
-        group_by_image: one record per image (all its captions) rather than
-            one per row.
-        split_column: optional column to filter rows on (Flickr8k: `"split"`).
-        split: value of `split_column` to keep (Flickr8k: `"train"`).
+        options: a `TableOptions` (columns, delimiter, grouping, split).
         examples_per_shard: records per shard.
         prefix: shard file name prefix.
+        **fields: `TableOptions` fields, overriding `options`.
 
     Returns:
         Dict of counts: `rows` (after the split filter), `written` (records
@@ -271,15 +279,7 @@ def convert_csv(
         `empty_captions` (blank captions skipped; a record with no caption left
         is not written), `shards`.
     """
-    records, counts = read_caption_table(
-        csv_path,
-        image_column=image_column,
-        caption_column=caption_column,
-        delimiter=delimiter,
-        group_by_image=group_by_image,
-        split_column=split_column,
-        split=split,
-    )
+    records, counts = read_caption_table(csv_path, options, **fields)
     missing = []
 
     def examples():
@@ -360,7 +360,7 @@ def convert_webdataset(tar_paths, output_dir, examples_per_shard=1000, prefix="s
             for key, members in _webdataset_samples(os.fspath(tar_path)):
                 counts["samples"] += 1
                 caption = members.get("txt", b"").decode("utf-8", errors="replace").strip()
-                if _is_blank(caption):
+                if is_blank(caption):
                     counts["empty_captions"] += 1
                     continue
                 image_bytes = next(

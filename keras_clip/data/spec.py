@@ -112,8 +112,10 @@ class DataSpec:
 
     # -- training input --------------------------------------------------------
     def dataset(self, **kwargs):
-        """The reader's batched dataset (`keras_clip.data.pipeline`); `kwargs` are the
-        readers' common arguments (`batch_size`, `image_size`, `training`, ...)."""
+        """The reader's batched dataset (`keras_clip.data.pipeline`); `kwargs` are
+        `ReaderOptions` fields (`batch_size`, `training`, ...), `options` (a
+        `ReaderOptions`) and `preprocessing` (a `PreprocessingConfig`, e.g.
+        `model.preprocessor_config`: image size, context length, mean/std, pixel limit)."""
         from keras_clip.data import pipeline
 
         self._check_readable()

@@ -24,7 +24,9 @@ otherwise `serving_default` is `encode_image`.
 
 Decoding and resizing run in the graph with the same `CLIPImagePreprocessor` layer
 as training, and tokenisation with `CLIPTokenizer(fix_text=True)` (the in-graph
-cleaning), so serving cannot drift from training. The graphs hold only TensorFlow
+cleaning), both configured from `model.preprocessor_config` (the preset's image
+size, mean/std, context length and limits, as training reads them), so serving
+cannot drift from training. The graphs hold only TensorFlow
 core and tensorflow-text ops: a server needs `import tensorflow_text` (TF Serving
 links those ops in) and no Python code from this package.
 
@@ -43,9 +45,9 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from keras_clip.preprocessing.tokenizer import CLIPTokenizer
+from keras_clip.preprocessing.text_cleaning import blank_mask
 from keras_clip.zero_shot import build_class_embeddings, class_logits, resolve_templates
-from keras_clip.serving.protocol import (CLASSIFY, DEFAULT_CLIENT_BATCH_SIZE, DEFAULT_MAX_TEXT_BYTES,
+from keras_clip.serving.protocol import (CLASSIFY, DEFAULT_CLIENT_BATCH_SIZE,
                               ENCODE_IMAGE, ENCODE_TEXT, IMAGE_BYTES, IMAGE_EMBEDDINGS,
                               LOGITS_PER_IMAGE, SCORES, SERVING_DEFAULT, SIMILARITY,
                               TEXT_EMBEDDINGS, TEXTS, TOP_LABELS, TOP_SCORES)
@@ -79,12 +81,15 @@ class CLIPServingModule(tf.Module):
         class_embeddings: float array `(C, D)` for `class_names` (see
             `keras_clip.zero_shot.build_class_embeddings`).
         top_k: int, labels returned per image by `classify` (at most C).
-        max_text_bytes: int, longest accepted text in UTF-8 bytes.
+        max_text_bytes: int, longest accepted text in UTF-8 bytes; None: the
+            model's `preprocessor_config.max_text_bytes` (its preset's).
     """
 
     def __init__(self, model, class_names=None, class_embeddings=None, top_k=5,
-                 max_text_bytes=DEFAULT_MAX_TEXT_BYTES):
+                 max_text_bytes=None):
         super().__init__(name="clip_serving")
+        if max_text_bytes is None:
+            max_text_bytes = model.preprocessor_config.max_text_bytes
         if top_k <= 0:
             raise ValueError(f"`top_k` must be positive. Received: top_k={top_k}")
         if max_text_bytes <= 0:
@@ -98,7 +103,7 @@ class CLIPServingModule(tf.Module):
             self.image_preprocessor.max_pixels, dtype=tf.int64, trainable=False,
             name="max_image_pixels",
         )
-        self.tokenizer = CLIPTokenizer(context_length=model.context_length, fix_text=True)
+        self.tokenizer = model.preprocessor_config.tokenizer(fix_text=True)
         self.max_text_bytes = int(max_text_bytes)
         self.class_names = list(class_names) if class_names else None
         if self.class_names:
@@ -136,7 +141,7 @@ class CLIPServingModule(tf.Module):
 
     def _text_embeddings(self, texts):
         lengths = tf.strings.length(texts)  # (B,) bytes
-        blank = tf.equal(tf.strings.length(tf.strings.strip(texts)), 0)  # (B,)
+        blank = blank_mask(texts)  # (B,) empty or only whitespace (`str.isspace`, U+3000 included)
         too_long = lengths > self.max_text_bytes  # (B,)
         checks = [
             self._check_batch(texts, TEXTS),
@@ -267,7 +272,7 @@ def models_config(model_name, base_path, num_versions=1):
 
 
 def export_saved_model(model, export_base, version, class_names=None, templates=None,
-                       model_name="clip", top_k=5, max_text_bytes=DEFAULT_MAX_TEXT_BYTES,
+                       model_name="clip", top_k=5, max_text_bytes=None,
                        overwrite=False, dtype=None):
     """Writes `<export_base>/<version>/` for TF Serving, plus its serving configs.
 
@@ -286,7 +291,8 @@ def export_saved_model(model, export_base, version, class_names=None, templates=
             one template per line. Defaults to `("a photo of a {}.",)`.
         model_name: str, the name in `models.config` and the warm-up requests.
         top_k: int, labels per image returned by `classify`.
-        max_text_bytes: int, longest text the text signatures accept.
+        max_text_bytes: int, longest text the text signatures accept; None: the
+            model's `preprocessor_config.max_text_bytes` (its preset's; 4096 by default).
         overwrite: bool, replace an existing version directory. The new version is
             written beside it and swapped in; the live folder is never written into.
         dtype: None (the model's own policy) or a Keras dtype policy name for the

@@ -208,7 +208,6 @@ class CLIP(keras.Model):
         self._jit_towers = False
         self._gradient_cache_chunks = 1
         self._encode_pair_fn = None
-        self.logits_hook = None  # called with (logits_per_image,) at trace time; for tests
         self._trackers = {
             name: keras.metrics.Mean(name=name)
             for name in ("loss", "image_to_text_accuracy", "text_to_image_accuracy",
@@ -419,8 +418,6 @@ class CLIP(keras.Model):
                                       self.logit_bias(), offset)
         else:
             out = losses.clip_loss(image, text, all_image, all_text, self.logit_scale(), offset)
-        if self.logits_hook is not None:
-            self.logits_hook(out["logits_per_image"])
         return out
 
     @contextlib.contextmanager
@@ -540,23 +537,45 @@ class CLIP(keras.Model):
             cache[key] = factory()
         return cache[key]
 
+    @property
+    def preprocessor_config(self):
+        """The `PreprocessingConfig` of this model: its image size, context length and
+        pixel limit, with the statistics, interpolation and text limit its preset
+        recorded (OpenAI's by default). Training input, evaluation and export read it.
+
+        Assign a `PreprocessingConfig` to change the statistics; its sizes and pixel
+        limit must equal the model's.
+        """
+        from keras_clip.preprocessing.config import PreprocessingConfig
+
+        return PreprocessingConfig.for_model(self, **self.__dict__.get("_preprocessing_extras", {}))
+
+    @preprocessor_config.setter
+    def preprocessor_config(self, config):
+        from keras_clip.preprocessing.config import PreprocessingConfig
+
+        if not isinstance(config, PreprocessingConfig):
+            raise ValueError("`preprocessor_config` must be a `PreprocessingConfig`. "
+                             f"Received: preprocessor_config={config!r}")
+        for name in ("image_size", "context_length", "max_image_pixels"):
+            if getattr(config, name) != getattr(self, name):
+                raise ValueError(
+                    f"`preprocessor_config.{name}` must equal the model's {name}={getattr(self, name)}. "
+                    f"Received: {name}={getattr(config, name)}")
+        # Plain attributes outside Keras' tracking; the cached layers follow the new config.
+        self.__dict__["_preprocessing_extras"] = {
+            name: getattr(config, name) for name in ("mean", "std", "interpolation", "resize_mode",
+                                                      "max_text_bytes", "vocabulary")}
+        self.__dict__.pop("_preprocessing_layers", None)
+
     def tokenizer(self):
         """The `CLIPTokenizer` for this model's context length (one shared instance)."""
-        from keras_clip.preprocessing.tokenizer import CLIPTokenizer
-
-        return self._preprocessing_layer(
-            "tokenizer", lambda: CLIPTokenizer(context_length=self.context_length))
+        return self._preprocessing_layer("tokenizer", self.preprocessor_config.tokenizer)
 
     def image_preprocessor(self):
-        """The `CLIPImagePreprocessor` at this model's resolution and pixel limit (one shared instance)."""
-        from keras_clip.preprocessing.image_preprocessor import CLIPImagePreprocessor
-
-        return self._preprocessing_layer(
-            "image_preprocessor",
-            lambda: CLIPImagePreprocessor(
-                image_size=self.image_size, max_pixels=self.max_image_pixels
-            ),
-        )
+        """The `CLIPImagePreprocessor` of `preprocessor_config`: this model's resolution,
+        pixel limit and its preset's statistics (one shared instance)."""
+        return self._preprocessing_layer("image_preprocessor", self.preprocessor_config.image_preprocessor)
 
     # -- config and presets -------------------------------------------------------
     def get_config(self):
@@ -646,22 +665,20 @@ class CLIP(keras.Model):
         """
         config = {k: v for k, v in self.get_config().items() if k not in ("dtype", "name", "trainable")}
         clone = CLIP(**config, dtype=dtype, name=self.name)
+        clone.preprocessor_config = self.preprocessor_config
         clone.set_weights([w.numpy() for w in self.weights])  # numpy: cast on assignment
         return clone
 
     def save_to_preset(self, preset_dir):
-        """Writes `config.json`, `model.weights.h5` and the tokenizer vocabulary."""
+        """Writes `config.json` (model kwargs and the `preprocessing` block of
+        `preprocessor_config`), `model.weights.h5` and the tokenizer vocabulary."""
         os.makedirs(preset_dir, exist_ok=True)
         config = {
             "module": "keras_clip",
             "class_name": "CLIP",
             "config": self.get_config(),
-            "preprocessing": {
-                "image_size": self.image_size,
-                "max_image_pixels": self.max_image_pixels,
-                "context_length": self.context_length,
-                "vocabulary": f"assets/{VOCABULARY_FILE}",
-            },
+            # Read back by `from_preset` into `preprocessor_config`.
+            "preprocessing": self.preprocessor_config.to_dict(),
         }
         with open(os.path.join(preset_dir, CONFIG_FILE), "w") as f:
             json.dump(config, f, indent=2)

@@ -62,9 +62,6 @@ class TrainConfig:
     max_train_seconds: float = _field(
         0.0, "Stop (with a checkpoint) after this many seconds on the chief's clock (every "
         "worker stops at the same step); 0: never.")
-    time_collectives_steps: int = _field(
-        0, "After training, time the all-gather and gradient all-reduce alone this many times "
-        "each (summary.json 'collectives'); 0: off.")
     loss: str = _field("softmax", "softmax (CLIP) | sigmoid (SigLIP: learned temperature and "
                                   "bias, init 10 and -10; recorded in the saved preset).")
     lock_image: bool = _field(False, "Freeze the image tower (LiT): no gradients, no optimizer "
@@ -108,7 +105,7 @@ class TrainConfig:
         for name, minimum in (("global_batch_size", 1), ("steps", 0), ("warmup_steps", 0),
                               ("seed", 0), ("checkpoint_every", 1), ("log_every", 1),
                               ("demo_examples", 1), ("shuffle_buffer", 1),
-                              ("time_collectives_steps", 0), ("unlocked_image_blocks", 0),
+                              ("unlocked_image_blocks", 0),
                               ("unlocked_text_blocks", 0), ("gradient_cache_chunks", 1)):
             if not is_int(getattr(self, name)) or getattr(self, name) < minimum:
                 fail(name, f"an integer >= {minimum}")

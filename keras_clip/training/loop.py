@@ -20,9 +20,11 @@ The step itself is `CLIP.train_step`; the loop only feeds it. It runs
 Keras 3's `fit` crashes under `MultiWorkerMirroredStrategy` (in
 `_maybe_symbolic_build`); one loop then serves every strategy.
 
-The step count is `TrainState.global_step` (checkpointed); the optimizer's own
-`iterations` drive the learning-rate schedule and, with float16 loss scaling, do
-not advance on skipped steps.
+There is one step counter: the optimizer's `iterations` (checkpointed with the
+optimizer; `TrainState.global_step` reads it). It drives the learning-rate
+schedule, the step count, logging and checkpoint names. With float16 loss
+scaling a step whose gradients overflow applies no update and is not counted;
+its batch is consumed all the same (the data positions record it).
 """
 import dataclasses
 import json
@@ -249,23 +251,25 @@ class TrainState:
     Attributes:
         model: the compiled `CLIP`.
         optimizer: its optimizer.
-        global_step: int64 variable, steps done (checkpointed).
+        global_step: the optimizer's `iterations` (a property): steps done.
         data_positions: int64 variable `(num_replicas,)`, records each replica's
             pipeline consumed (checkpointed).
         keeper: the `CheckpointKeeper`.
         start_step: int, `global_step` after the restore.
         resume_positions: list of int, `data_positions` after the restore.
-        logits_shapes: list the model's trace appends `logits_per_image` shapes to.
     """
 
     model: CLIP
     optimizer: object
-    global_step: tf.Variable
     data_positions: tf.Variable
     keeper: CheckpointKeeper
     start_step: int
     resume_positions: list
-    logits_shapes: list
+
+    @property
+    def global_step(self):
+        """Steps done: the optimizer's `iterations` variable (the one step counter)."""
+        return self.optimizer.iterations
 
 
 def build_model_and_optimizer(config, total_steps):
@@ -321,23 +325,21 @@ def build_and_restore(context, plan):
     num_replicas = strategy.num_replicas_in_sync
     with strategy.scope():
         model, optimizer = build_model_and_optimizer(config, plan.total_steps)
-        global_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
         # Per replica: records of its pipeline consumed so far, drops included.
         data_positions = tf.Variable(tf.zeros([num_replicas], tf.int64), trainable=False,
                                      name="data_positions")
-    logits_shapes = []  # what each replica's step scores: (local rows, global columns)
-    model.logits_hook = lambda logits: logits_shapes.append(logits.shape.as_list())
     counts = model.count_params_by_tower()
     logging.info("Parameters: visual %s, text %s, total %s", f"{counts['visual']:,}",
                  f"{counts['text']:,}", f"{counts['total']:,}")
 
-    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, global_step=global_step,
-                                     data_positions=data_positions)
+    # Checkpoints written before the step counter was the optimizer's also hold a
+    # `global_step`; restoring ignores it (it always equalled `iterations`).
+    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, data_positions=data_positions)
     keeper = CheckpointKeeper(checkpoint, _join(config.model_dir, "checkpoints"),
                               is_chief=context.is_chief, worker_id=context.worker_id,
                               fingerprint=run_fingerprint(config, model, num_replicas))
     restored = keeper.restore_latest()  # raises on a mismatch, before anything is written
-    start_step = int(global_step.numpy())
+    start_step = int(optimizer.iterations.numpy())
     resume_positions = [int(p) for p in data_positions.numpy()]
     if restored:
         logging.info("Resuming at step %d from %s (records consumed per replica: %s)",
@@ -346,8 +348,7 @@ def build_and_restore(context, plan):
         tf.io.gfile.makedirs(config.model_dir)
         _write_text(_join(config.model_dir, "train_config.json"),
                     json.dumps(dataclasses.asdict(config), indent=2))
-    return TrainState(model, optimizer, global_step, data_positions, keeper, start_step,
-                      resume_positions, logits_shapes)
+    return TrainState(model, optimizer, data_positions, keeper, start_step, resume_positions)
 
 
 # ----------------------------------------------------------------------------------
@@ -423,7 +424,7 @@ def make_train_dataset_fn(context, state, counters):
             input_context.num_replicas_in_sync // input_context.num_input_pipelines, 1)
         first = input_context.input_pipeline_id * replicas_per_pipeline
         return context.train_spec.dataset(
-            image_size=model.image_size, context_length=model.context_length,
+            preprocessing=model.preprocessor_config,  # the preset's sizes, statistics and limit
             batch_size=config.global_batch_size, training=True, seed=config.seed,
             shuffle_buffer=config.shuffle_buffer, input_context=input_context, repeat=True,
             return_positions=True, counters=counters,
@@ -500,8 +501,7 @@ def train_loop(context, plan, state, step_callback=None):
                 first_step_seconds = time.time() - tic
             else:
                 train_seconds += time.time() - tic
-            step += 1
-            state.global_step.assign(step)
+            step = int(state.global_step.numpy())  # +1, unless loss scaling skipped the update
             state.data_positions.assign(control[:, 0])
             history.append(logs["loss"])
             progbar.update(step - epoch * steps_per_epoch - step_in_epoch, list(logs.items()))
@@ -599,6 +599,16 @@ def _record_evaluation(summary, name, evaluate):
 
 
 
+def per_replica_logits_shape(config, strategy, result, state):
+    """`[local rows, global columns]` of the logit matrix each replica's step scores
+    (its share of the global batch against every replica's embeddings; gradient
+    caching scores the whole local batch at once), or None when this process ran no
+    step."""
+    if result.steps == state.start_step:
+        return None
+    return [config.global_batch_size // strategy.num_replicas_in_sync, config.global_batch_size]
+
+
 def finalize(context, plan, state, result):
     """Stage 5: the summary; on the chief also the preset, the evaluations and
     `summary.json` (an evaluation that fails is recorded, not raised).
@@ -623,15 +633,9 @@ def finalize(context, plan, state, result):
         "records_consumed": [int(p) for p in state.data_positions.numpy()],
         "final_metrics": dict(result.final_logs),
         "loss_history": result.loss_history,
-        "per_replica_logits_shape": state.logits_shapes[0] if state.logits_shapes else None,
+        "per_replica_logits_shape": per_replica_logits_shape(config, strategy, result, state),
         "stopped_early": result.stopped_early,
     }
-    if config.time_collectives_steps > 0:  # every worker: the collectives must match
-        from keras_clip.training.collectives import time_collectives
-
-        summary["collectives"] = time_collectives(model, strategy, config.global_batch_size,
-                                                  steps=config.time_collectives_steps)
-        logging.info("Collectives alone (ms/step): %s", summary["collectives"])
     if context.is_chief:
         _save_preset(model, _join(config.model_dir, "preset"))
         if context.val_spec is not None:

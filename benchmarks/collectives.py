@@ -10,13 +10,24 @@ milliseconds per step of each against an empty step that only reads its input.
 
 Every worker must call `time_collectives` the same number of times: the
 collectives are matched across workers in call order.
+
+As a script it builds the strategy and the model itself, on every worker of a
+cluster (one process without `TF_CONFIG`), and the chief writes the figures:
+
+    python training/launch.py --num_workers=2 --script=benchmarks/collectives.py -- \
+        --preset=clip_vit_tiny --global_batch_size=64 --steps=30 --output=/tmp/collectives.json
 """
+import json
+import os
+import sys
 import time
 
-import keras
-import tensorflow as tf
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from keras_clip import distribute
+import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from keras_clip import distribute  # noqa: E402
 
 
 def _per_replica_input(strategy, local_batch, embed_dim, dtype):
@@ -144,3 +155,49 @@ def time_collectives(model, strategy, global_batch_size, steps=20, warmup=3):
         ),
         "sparse_gradient_rows": sparse_rows if any(is_sparse) else 0,
     }
+
+
+def run(preset, global_batch_size, steps=20, warmup=3, strategy=None):
+    """`time_collectives` of `CLIP.from_preset(preset)` built in `strategy`'s scope
+    (default: `MultiWorkerMirroredStrategy` under a `TF_CONFIG`, else the default)."""
+    from keras_clip import CLIP
+
+    if strategy is None:
+        strategy = (tf.distribute.MultiWorkerMirroredStrategy() if os.environ.get("TF_CONFIG")
+                    else tf.distribute.get_strategy())
+    with strategy.scope():
+        model = CLIP.from_preset(preset)
+    return time_collectives(model, strategy, global_batch_size, steps=steps, warmup=warmup), strategy
+
+
+def main(argv=None):
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", default="clip_vit_tiny")
+    parser.add_argument("--global_batch_size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=20, help="timed repetitions of each collective")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--output", default="", help="JSON file the chief writes (also printed)")
+    args = parser.parse_args(argv)
+    result, strategy = run(args.preset, args.global_batch_size, args.steps, args.warmup)
+    if _is_chief(strategy):
+        print(json.dumps(result))
+        if args.output:
+            with open(args.output, "w") as f:
+                json.dump(result, f, indent=2)
+
+
+def _is_chief(strategy):
+    """The chief writes: the `chief` task, else worker 0, else the only process."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    spec = resolver.cluster_spec().as_dict() if resolver is not None else {}
+    if not spec:
+        return True
+    if "chief" in spec:
+        return resolver.task_type == "chief"
+    return resolver.task_type == "worker" and (resolver.task_id or 0) == 0
+
+
+if __name__ == "__main__":
+    main()
