@@ -120,6 +120,39 @@ def _variant(model, name):
         original = getattr(model, encode)
         setattr(model, encode, lambda *a, **k: keras.ops.cast(original(*a, **k), "bfloat16"))
         yield
+    elif name == "fp32_scores":  # attention scores q k^T from float32 q and k
+        import tensorflow as tf
+
+        from keras_clip.layers import attention
+
+        original = tf.matmul
+
+        def matmul(a, b, *args, transpose_b=False, **kwargs):
+            if transpose_b and a.dtype == tf.bfloat16 and len(a.shape) == 4:  # (B, H, T, Dh) q k^T
+                return original(tf.cast(a, tf.float32), tf.cast(b, tf.float32), *args,
+                                transpose_b=True, **kwargs)
+            return original(a, b, *args, transpose_b=transpose_b, **kwargs)
+
+        attention.tf = type("tf", (), {"matmul": staticmethod(matmul), "unstack": tf.unstack,
+                                       "nn": tf.nn})
+        try:
+            yield
+        finally:
+            attention.tf = tf
+    elif name == "fp32_logits":  # features cast to float32 before the logits matmul
+        from keras_clip import losses
+
+        original = losses.contrastive_logits
+
+        def logits(local_image, local_text, all_image, all_text, logit_scale):
+            f32 = [keras.ops.cast(t, "float32") for t in (local_image, local_text, all_image, all_text)]
+            return original(*f32, logit_scale)
+
+        losses.contrastive_logits = logits
+        try:
+            yield
+        finally:
+            losses.contrastive_logits = original
     else:
         raise ValueError(f"Unknown variant {name!r}")
 
