@@ -109,7 +109,7 @@ class ResidualAttentionBlock(keras.layers.Layer):
         # x: (B, T, D) residual stream, in the compute dtype or (mixed policies, text tower)
         # in float32; each branch runs in the compute dtype and is added back in x's dtype.
         compute = self.compute_dtype
-        h = ops.cast(layer_norm(self.ln_1, x), compute)  # statistics in float32
+        h = self._norm(self.ln_1, x)  # (B, T, D), compute dtype
         x = x + ops.cast(self.attn(h, causal=causal), x.dtype)  # (B, T, D)
         rows = ops.reshape(x, (-1, self.hidden_dim))  # (B*T, D)
         if self.activation == "quick_gelu" and fusable(self.c_fc) and fusable(self.c_proj):
@@ -122,13 +122,19 @@ class ResidualAttentionBlock(keras.layers.Layer):
             out = dense_rows(self.c_proj, h, bias_scale=_QUICK_GELU) * ops.cast(
                 1.0 / _QUICK_GELU, h.dtype)  # (B*T, D)
         elif self.activation == "gelu":  # exact GELU: fused as it is
-            h = dense_rows(self.c_fc, ops.cast(layer_norm(self.ln_2, rows), compute),
-                           activation="gelu")  # (B*T, 4D)
+            h = dense_rows(self.c_fc, self._norm(self.ln_2, rows), activation="gelu")  # (B*T, 4D)
             out = dense_rows(self.c_proj, h)  # (B*T, D)
         else:  # quantized or LoRA layers
-            h = self._activation_fn(self.c_fc(ops.cast(layer_norm(self.ln_2, rows), compute)))  # (B*T, 4D)
+            h = self._activation_fn(self.c_fc(self._norm(self.ln_2, rows)))  # (B*T, 4D)
             out = self.c_proj(h)  # (B*T, D)
         return x + ops.cast(ops.reshape(out, ops.shape(x)), x.dtype)  # (B, T, D)
+
+    def _norm(self, layer, x):
+        """`layer(x)` in the compute dtype; a float32 residual stream under a mixed policy
+        is normalised from its float32 values (statistics in float32 either way)."""
+        if keras.backend.standardize_dtype(x.dtype) == self.compute_dtype:
+            return layer(x)  # Keras' LayerNormalization, as before float32 streams
+        return ops.cast(layer_norm(layer, x), self.compute_dtype)
 
     def compute_output_shape(self, input_shape):
         return input_shape
