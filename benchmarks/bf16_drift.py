@@ -19,7 +19,9 @@ at 100 as open_clip's trainer does after each step. Reported per run:
   between the two trajectories in units of how far float32 training moved.
 
 `--variants` names keras_clip bf16 variants, each forcing one piece to float32
-(see `VARIANTS`), to find which piece makes keras_clip's bf16 drift from its float32.
+(`_variant`: `fp32_text_tower`, `fp32_image_tower`, `fp32_scores` (attention q k^T),
+`fp32_logits` (features into the loss)), to find which piece makes keras_clip's bf16
+drift from its float32. Results: docs/bf16_training_quality.md.
 """
 import argparse
 import contextlib

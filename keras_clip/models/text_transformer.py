@@ -14,6 +14,11 @@ class CLIPTextTransformer(keras.layers.Layer):
     residual blocks with a causal mask, a final LayerNorm, the feature at the
     end-of-text token, and a linear projection (no bias) to `embed_dim`.
 
+    Under a mixed policy (float32 weights, bf16 compute) the residual stream, from the
+    token-embedding lookup to `ln_final`, is float32 and only the blocks' branches run in
+    bf16, as open_clip's text tower under torch autocast; the tower's output is in the
+    compute dtype.
+
     Deviation from OpenAI's reference: the end-of-text position is found by its id
     (`end_token_id`), not by `argmax` over ids (identical for OpenAI's tokenizer, where
     the end token has the largest id, but also right for other vocabularies). A row
