@@ -1,52 +1,64 @@
-"""Trains one small CLIP with keras_clip and with open_clip's own trainer on Flickr8k,
-then evaluates both models with the same keras_clip code.
+"""Trains one CLIP with keras_clip and with open_clip's own trainer on Flickr8k, in float32
+and/or bf16, then evaluates every model with the same keras_clip code.
 
-    python benchmarks/train_vs_open_clip.py [--steps 120] [--batch_size 64] [--seeds 0 1]
-        [--image_size 64] [--precision float32|bf16] [--frameworks keras_clip open_clip]
-        [--out_dir /tmp/train_vs_open_clip]
+    python benchmarks/train_vs_open_clip.py [--model tiny|issue14] [--steps N] [--batch_size B]
+        [--seeds 0 1] [--precision float32 bf16] [--settings own matched]
+        [--matched_recipe open_clip|paper] [--cifar_images 2000] [--cifar_templates simple|openai]
+        [--frameworks keras_clip open_clip] [--out_dir /tmp/train_vs_open_clip]
 
-Kept the same for both frameworks: the architecture (keras_clip's `clip_vit_tiny`,
-registered with open_clip as a model config; parameter counts are checked equal), the
-batch size, the number of optimiser steps, AdamW (betas 0.9/0.98, epsilon 1e-6), the
-peak learning rate, linear warm-up then cosine decay to 0 (the same formula), the
-weight decay value and (by default, `--decay_embeddings`) the tensors it applies to:
-every matrix including the token and positional embeddings, which is open_clip's rule
-and not keras_clip's default, the seeds, the training transform (RandomResizedCrop scale
-(0.9, 1), bicubic, OpenAI mean/std), the tokenizer and context length, the symmetric
-contrastive loss with the temperature capped at 100, and the precision (fp32 by
-default; `--precision bf16`: keras_clip `mixed_bfloat16`, open_clip `amp_bf16`).
+`--model` names the architecture with its run defaults (`MODELS`): `tiny` is keras_clip's
+`clip_vit_tiny` at 64 px (120 steps x 64, lr 1e-3, decay 0.1: a check that nothing is
+broken), `issue14` the configuration of issue 14 (6-layer 128 px ViT-16 width 256, 6-layer
+text width 256, context 32, embedding 256, GELU; 702 steps x 128, lr 5e-4, 100 warm-up
+steps, decay 0.2). The architecture is registered with open_clip as a model config
+(`keras_clip.convert.writers.open_clip_model_config`); parameter counts are checked equal.
 
-The initialisation scheme is the same too (keras_clip follows the reference's, tested
-against a fresh open_clip model); the random draws are each framework's own. Left as
-each trainer does it (printed with the results): the initial weights drawn, data order
-and crops (same seed values, different random generators), and the input pipeline
-(tf.data vs a torch DataLoader with one worker process).
+Kept the same for both frameworks: the architecture, batch size, number of optimiser
+steps, peak learning rate, linear warm-up then cosine decay to 0 (the same formula), the
+weight decay value, the seeds, the training transform (RandomResizedCrop scale (0.9, 1),
+bicubic, OpenAI mean/std), the tokenizer and context length, the symmetric contrastive
+loss with the temperature capped at 100, and the precision (`--precision float32`: both
+fp32; `bf16`: keras_clip `mixed_bfloat16`, open_clip `amp_bf16`). `--settings`:
+
+* `own`: each library's defaults: keras_clip's `TrainConfig` (the paper recipe: betas
+  0.9/0.98, epsilon 1e-6, token/positional embeddings not decayed), open_clip_train's
+  (betas 0.9/0.999, epsilon 1e-8, every matrix decayed; its defaults for model names
+  without "vit", passed explicitly);
+* `matched`: both with `--matched_recipe`'s betas and epsilon (open_clip's by default),
+  every matrix decayed in both (open_clip cannot exclude the embeddings).
+
+Left as each trainer does it (printed with the results): the initial weights drawn
+(the same scheme, each framework's own random draws), data order and crops (same seed
+values, different random generators), and the input pipeline (tf.data vs a torch
+DataLoader with one worker process). Keras' Adam adds epsilon to sqrt(v) before bias
+correction, torch's after (docs/bf16_training_quality.md).
 
 Training data: the 6,000 Flickr8k `train` images with their 5 captions each. keras_clip
 reads a table of them (one caption drawn per image per epoch); open_clip reads a CSV that
-this script writes with exactly `steps * batch_size` rows, so that one open_clip epoch is
-the step budget. Evaluation, identical for both (the open_clip checkpoint is loaded into
-keras_clip): recall@1/5/10 both ways on the 1,000 Flickr8k test images and their 5,000
-captions, and zero-shot top-1 on the 10,000 CIFAR-10 test images with OpenAI's 18
-CIFAR-10 templates.
+this script writes with exactly `steps * batch_size` rows (passes over the images, a
+different caption per pass), so that one open_clip epoch is the step budget. Evaluation,
+identical for both (the open_clip checkpoint is loaded into keras_clip, float32):
+recall@1/5/10 both ways on the 1,000 Flickr8k test images and their 5,000 captions, and
+zero-shot top-1 on `--cifar_images` CIFAR-10 test images (the seeded subset that
+`python -m keras_clip.evaluate --max_examples` evaluates) with 4 simple
+templates (`SIMPLE_TEMPLATES`) or OpenAI's 18.
 
 Each training run is a fresh process (keras_clip: a spawned worker that loads no torch;
 open_clip: `open_clip_train_wrapper.py`, which loads no TensorFlow), and the runs take
-turns: keras_clip seed 0, open_clip seed 0, keras_clip seed 1, ... Pairs/second counts
-the training steps after the first `--warmup_skip` ones (start-up, tracing and the
-first data loads excluded), each step timed from the end of the one before (data wait
-included), as open_clip's own "Batch (t)" log figure, which is where its times come
-from; a second figure uses the median step time, which other jobs on the same cores
-disturb less.
+turns: for each seed, each precision and each setting, keras_clip then open_clip.
+Pairs/second counts the training steps after the first `--warmup_skip` ones, each step
+timed from the end of the one before (data wait included), as open_clip's own "Batch (t)"
+log figure; a second figure uses the median step time, which other jobs on the same
+cores disturb less.
+
+Output: one row per run, then per framework/precision/settings the mean and the seed
+spread (max - min) of every figure, keras_clip - open_clip per figure against keras_clip's
+spread (issue 14's acceptance test), and the same as a Markdown table (`table.md`).
 
 Measured on the 2-core development machine (README, "Training benchmark against
-open_clip's trainer"): with `--steps 1000` at commit e1e9438 (67.0 min) keras_clip had
-the lower loss and the better CIFAR-10 zero-shot, the recall figures split within the
-seed-to-seed spread, and pairs/s 0.93x because of a per-epoch dataset rebuild since
-removed; `--steps 300 --seeds 0` after the fix: 1.01x.
-
-The default 120 steps (about 13 min) only checks that nothing is broken: every model
-is still near chance then.
+open_clip's trainer"): `--model tiny --steps 1000` at commit e1e9438 (67.0 min): keras_clip
+had the lower loss and the better CIFAR-10 zero-shot, the recall figures split within the
+seed-to-seed spread. `--model issue14`: docs/bf16_training_quality.md.
 
 Temporary tables, logs, checkpoints and `results.json` go to `--out_dir` (outside the
 repository by default: Flickr8k's captions must not be published).
@@ -77,28 +89,61 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 WRAPPER = ROOT / "benchmarks" / "open_clip_train_wrapper.py"
-DEFAULT_DATA_DIR = ROOT.parent / "shared" / "data"
-PRESET = "clip_vit_tiny"
+DEFAULT_DATA_DIR = (pathlib.Path("/work/shared/data") if os.path.isdir("/work/shared/data")
+                    else ROOT.parent / "shared" / "data")
 FRAMEWORKS = ("keras_clip", "open_clip")
 PRECISIONS = {"float32": ("float32", "fp32"), "bf16": ("mixed_bfloat16", "amp_bf16")}
-# The paper's AdamW settings for ViTs; keras_clip's `create_optimizer` defaults.
-BETA_1, BETA_2, EPSILON = 0.9, 0.98, 1e-6
+# Named architectures (keras_clip `CLIP` kwargs, or a preset name) and their run defaults.
+MODELS = {
+    # keras_clip's `clip_vit_tiny` (4-layer 64 px ViT-8, width 128): the README's first table.
+    "tiny": {"preset": "clip_vit_tiny", "kwargs": {}, "image_size": 64, "steps": 120,
+             "batch_size": 64, "learning_rate": 1e-3, "warmup_steps": None, "weight_decay": 0.1},
+    # Issue 14's model: 6-layer 128 px ViT-16 width 256 (4 heads), 6-layer text width 256
+    # (4 heads), context 32, embedding 256, exact GELU (22.5M parameters); 702 steps x 128
+    # pairs (3 passes over the 30,000 Flickr8k training pairs), lr 5e-4, 100 warm-up steps,
+    # weight decay 0.2.
+    "issue14": {"preset": None, "kwargs": dict(
+        embed_dim=256, image_size=128, vision_architecture="vit", vision_patch_size=16,
+        vision_num_layers=6, vision_hidden_dim=256, vision_num_heads=4, context_length=32,
+        text_hidden_dim=256, text_num_layers=6, text_num_heads=4, activation="gelu"),
+        "image_size": 128, "steps": 702, "batch_size": 128, "learning_rate": 5e-4,
+        "warmup_steps": 100, "weight_decay": 0.2},
+}
+# AdamW settings of each setting name (see `--settings`): (beta_1, beta_2, epsilon, decay rule).
+OPEN_CLIP_DEFAULTS = (0.9, 0.999, 1e-8, "all_matrices")  # open_clip_train's, non-"vit" names
+PAPER = (0.9, 0.98, 1e-6, "except_embeddings")  # keras_clip's TrainConfig defaults (ViT)
+SETTINGS = ("own", "matched")
+# CIFAR-10 zero-shot templates: OpenAI's 18, or 4 simple ones.
+SIMPLE_TEMPLATES = ("a photo of a {}.", "a blurry photo of a {}.", "a photo of the {}.",
+                    "a picture of a {}.")
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=120, help="optimiser steps per run")
-    parser.add_argument("--batch_size", type=int, default=64, help="pairs per step")
+    parser.add_argument("--model", choices=sorted(MODELS), default="tiny",
+                        help="architecture and its run defaults (steps, batch, lr, warm-up, decay)")
+    parser.add_argument("--steps", type=int, default=None, help="optimiser steps per run")
+    parser.add_argument("--batch_size", type=int, default=None, help="pairs per step")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--image_size", type=int, default=64,
-                        help="input side (the preset's is 64; patch 8 must divide it)")
-    parser.add_argument("--learning_rate", type=float, default=1e-3, help="peak learning rate")
-    parser.add_argument("--warmup_steps", type=int, default=None, help="default: 10%% of --steps")
-    parser.add_argument("--weight_decay", type=float, default=0.1)
-    parser.add_argument("--decay_embeddings", action=argparse.BooleanOptionalAction, default=True,
-                        help="keras_clip also decays token/positional embeddings, as open_clip does "
-                             "(--no-decay_embeddings: keras_clip's default exclusions)")
-    parser.add_argument("--precision", choices=sorted(PRECISIONS), default="float32")
+    parser.add_argument("--image_size", type=int, default=None,
+                        help="input side (default: the model's; the patch size must divide it)")
+    parser.add_argument("--learning_rate", type=float, default=None, help="peak learning rate")
+    parser.add_argument("--warmup_steps", type=int, default=None, help="default: the model's, or 10%% of --steps")
+    parser.add_argument("--weight_decay", type=float, default=None)
+    parser.add_argument("--precision", nargs="+", choices=sorted(PRECISIONS), default=["float32"],
+                        help="one or both: float32 (both fp32) and bf16 (keras_clip mixed_bfloat16, "
+                             "open_clip amp_bf16)")
+    parser.add_argument("--settings", nargs="+", choices=SETTINGS, default=["matched"],
+                        help="own: each library's defaults (keras_clip: the paper recipe, betas "
+                             "0.9/0.98, eps 1e-6, embeddings not decayed; open_clip_train: 0.9/0.999, "
+                             "1e-8, every matrix decayed); matched: both with --matched_recipe")
+    parser.add_argument("--matched_recipe", choices=("open_clip", "paper"), default="open_clip",
+                        help="AdamW betas/epsilon of --settings matched (both libraries decay every "
+                             "matrix: open_clip cannot exclude the embeddings)")
+    parser.add_argument("--cifar_images", type=int, default=2000,
+                        help="CIFAR-10 test images (evaluate.py's seeded subset; 0: all 10,000)")
+    parser.add_argument("--cifar_templates", choices=("simple", "openai"), default="simple",
+                        help="simple: 4 templates (SIMPLE_TEMPLATES); openai: OpenAI's 18")
     parser.add_argument("--frameworks", nargs="+", choices=FRAMEWORKS, default=list(FRAMEWORKS))
     parser.add_argument("--warmup_skip", type=int, default=5,
                         help="first steps left out of pairs/second (at most a quarter of the steps)")
@@ -106,13 +151,23 @@ def parse_args(argv=None):
                         help="folder holding flickr8k/ and cifar10_test/")
     parser.add_argument("--out_dir", default=os.path.join(tempfile.gettempdir(), "train_vs_open_clip"))
     args = parser.parse_args(argv)
+    model = MODELS[args.model]
+    for name in ("steps", "batch_size", "image_size", "learning_rate", "weight_decay"):
+        if getattr(args, name) is None:
+            setattr(args, name, model[name])
     if args.warmup_steps is None:
-        args.warmup_steps = args.steps // 10
+        args.warmup_steps = model["warmup_steps"] if model["warmup_steps"] is not None else args.steps // 10
     if args.steps < 2 or args.batch_size < 2:
         parser.error(f"--steps and --batch_size must be at least 2. Received: {args.steps}, {args.batch_size}")
-    if args.image_size % 8:
-        parser.error(f"--image_size must be a multiple of the patch size 8. Received: {args.image_size}")
     return args
+
+
+def optimizer_settings(framework, settings, matched_recipe):
+    """`(beta_1, beta_2, epsilon, weight-decay rule)` of one run."""
+    if settings == "own":
+        return PAPER if framework == "keras_clip" else OPEN_CLIP_DEFAULTS
+    betas_eps = OPEN_CLIP_DEFAULTS[:3] if matched_recipe == "open_clip" else PAPER[:3]
+    return (*betas_eps, "all_matrices")
 
 
 # ----------------------------------------------------------------------------------
@@ -203,8 +258,10 @@ def write_open_clip_table(train, image_dir, num_rows, seed, path):
     return passes
 
 
-def load_test_sets(data_dir, flickr):
-    """Encoded images, captions and labels of the two evaluation sets."""
+def load_test_sets(data_dir, flickr, cifar_images=None, cifar_templates="simple"):
+    """Encoded images, captions and labels of the two evaluation sets (`cifar_images`
+    CIFAR-10 test images: the seeded subset of `keras_clip.evaluate --max_examples`)."""
+    from keras_clip.evaluation.datasets import _select
     from keras_clip.zero_shot_data import load_dataset_prompts
 
     image_dir = os.path.join(data_dir, "flickr8k", "images")
@@ -222,6 +279,11 @@ def load_test_sets(data_dir, flickr):
         raise ValueError(f"CIFAR-10 classes.txt {on_disk} differs from keras_clip's {class_names}")
     with open(os.path.join(cifar_dir, "labels.csv"), newline="") as f:
         rows = list(csv.DictReader(f))
+    # The seeded random subset `python -m keras_clip.evaluate --max_examples` uses (labels.csv
+    # is sorted by class: its first rows would be one class).
+    rows = [rows[i] for i in _select(len(rows), cifar_images, seed=0)]
+    if cifar_templates == "simple":
+        templates = list(SIMPLE_TEMPLATES)
     cifar = {
         "images": [open(os.path.join(cifar_dir, row["path"]), "rb").read() for row in rows],
         "labels": np.array([int(row["label"]) for row in rows]),
@@ -237,25 +299,10 @@ def load_test_sets(data_dir, flickr):
 
 
 def open_clip_model_config(model):
-    """open_clip's model-config JSON for a keras_clip ViT `CLIP`."""
-    return {
-        "embed_dim": model.embed_dim,
-        "quick_gelu": model.activation == "quick_gelu",
-        "vision_cfg": {
-            "image_size": model.image_size,
-            "layers": model.vision_num_layers,
-            "width": model.vision_hidden_dim,
-            "patch_size": model.vision_patch_size,
-            "head_width": model.vision_hidden_dim // model.vision_num_heads,
-        },
-        "text_cfg": {
-            "context_length": model.context_length,
-            "vocab_size": model.vocabulary_size,
-            "width": model.text_hidden_dim,
-            "heads": model.text_num_heads,
-            "layers": model.text_num_layers,
-        },
-    }
+    """open_clip's model-config JSON for a keras_clip ViT `CLIP` (the converter's own)."""
+    from keras_clip.convert.writers import open_clip_model_config as config_of
+
+    return config_of(model)
 
 
 def open_clip_param_counts(checkpoint_path):
@@ -274,16 +321,26 @@ def open_clip_param_counts(checkpoint_path):
 # ----------------------------------------------------------------------------------
 
 
-def train_keras_clip(args, seed, table, image_dir, run_dir):
+def initial_model(args):
+    """A keras_clip `CLIP` of `--model` at `--image_size`, weights drawn from the current seed."""
+    import keras_clip
+
+    spec = MODELS[args.model]
+    if spec["preset"]:
+        return keras_clip.CLIP.from_preset(spec["preset"], image_size=args.image_size)
+    return keras_clip.CLIP(**dict(spec["kwargs"], image_size=args.image_size))
+
+
+def train_keras_clip(args, run, table, image_dir, run_dir):
     """One keras_clip run in a fresh process (as open_clip's), so no torch is loaded in it."""
     start = time.perf_counter()
     with multiprocessing.get_context("spawn").Pool(1) as pool:
-        run = pool.apply(_train_keras_clip, (args, seed, table, image_dir, run_dir))
-    run["wall_seconds"] = time.perf_counter() - start  # process start-up included, as for open_clip
-    return run
+        result = pool.apply(_train_keras_clip, (args, run, table, image_dir, run_dir))
+    result["wall_seconds"] = time.perf_counter() - start  # process start-up included, as for open_clip
+    return result
 
 
-def _train_keras_clip(args, seed, table, image_dir, run_dir):
+def _train_keras_clip(args, run, table, image_dir, run_dir):
     shutil.rmtree(run_dir, ignore_errors=True)  # run() would resume from old checkpoints
     os.makedirs(run_dir)
     # This process only trains: its output (progress bar, TF's logs) goes to the log.
@@ -293,20 +350,19 @@ def _train_keras_clip(args, seed, table, image_dir, run_dir):
 
     import keras
 
-    import keras_clip
-    from keras_clip import presets, training
+    from keras_clip import training
 
-    preset = PRESET
-    if args.image_size != presets.ARCHITECTURES[PRESET][2]["image_size"]:
-        keras.utils.set_random_seed(seed)  # the initial weights, as run() would draw them
-        preset = os.path.join(run_dir, "initial_preset")
-        keras_clip.CLIP.from_preset(PRESET, image_size=args.image_size).save_to_preset(preset)
+    keras.utils.set_random_seed(run["seed"])  # the initial weights, as run() would draw them
+    preset = os.path.join(run_dir, "initial_preset")
+    initial_model(args).save_to_preset(preset)
+    beta_1, beta_2, epsilon, rule = optimizer_settings("keras_clip", run["settings"], args.matched_recipe)
     config = training.TrainConfig(
         preset=preset, train_data=table, val_data="", image_root=image_dir,
         global_batch_size=args.batch_size, steps=args.steps, learning_rate=args.learning_rate,
         warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
-        precision=PRECISIONS[args.precision][0], seed=seed, model_dir=os.path.join(run_dir, "model"),
-        checkpoint_every=args.steps, shuffle_buffer=10_000, decay_embeddings=args.decay_embeddings,
+        precision=PRECISIONS[run["precision"]][0], seed=run["seed"],
+        model_dir=os.path.join(run_dir, "model"), checkpoint_every=args.steps, shuffle_buffer=10_000,
+        beta_1=beta_1, beta_2=beta_2, epsilon=epsilon, weight_decay_rule=rule,
     )
     ends, losses = [], []
 
@@ -332,18 +388,19 @@ _OPEN_CLIP_STEP = re.compile(
 )
 
 
-def train_open_clip(args, seed, table, config_dir, model_name, run_dir):
+def train_open_clip(args, run, table, config_dir, model_name, run_dir):
     shutil.rmtree(run_dir, ignore_errors=True)
     os.makedirs(run_dir)
+    beta_1, beta_2, epsilon, _ = optimizer_settings("open_clip", run["settings"], args.matched_recipe)
     flags = [
         "--dataset-type", "csv", "--train-data", table, "--csv-separator", "\t",
         "--csv-img-key", "filepath", "--csv-caption-key", "title",
         "--model", model_name, "--batch-size", str(args.batch_size), "--epochs", "1",
         "--lr", str(args.learning_rate), "--warmup", str(args.warmup_steps),
         "--wd", str(args.weight_decay), "--lr-scheduler", "cosine",
-        "--beta1", str(BETA_1), "--beta2", str(BETA_2), "--eps", str(EPSILON),
-        "--precision", PRECISIONS[args.precision][1], "--device", "cpu", "--workers", "1",
-        "--seed", str(seed), "--logs", os.path.join(run_dir, "logs"), "--name", "run",
+        "--beta1", str(beta_1), "--beta2", str(beta_2), "--eps", str(epsilon),
+        "--precision", PRECISIONS[run["precision"]][1], "--device", "cpu", "--workers", "1",
+        "--seed", str(run["seed"]), "--logs", os.path.join(run_dir, "logs"), "--name", "run",
         "--log-every-n-steps", "1", "--save-frequency", "1", "--report-to", "",
     ]
     command = [sys.executable, str(WRAPPER), "--model_config_dir", config_dir, "--", *flags]
@@ -408,28 +465,72 @@ _COLUMNS = [
 ]
 
 
+_FIGURES = [key for _, key, _ in _COLUMNS if key in (
+    "final_loss", "image_to_text_R@1", "image_to_text_R@5", "image_to_text_R@10",
+    "text_to_image_R@1", "text_to_image_R@5", "text_to_image_R@10", "cifar10_top1")]
+
+
+def _group(result):
+    return (result["framework"], result["precision"], result["settings"])
+
+
 def format_table(results, frameworks):
-    header = f"{'framework':<11} {'seed':>4} " + " ".join(f"{title:>8}" for title, _, _ in _COLUMNS)
+    """Per run, then per (framework, precision, settings): mean and seed spread (max - min)
+    of every figure, then keras_clip - open_clip per figure against keras_clip's spread.
+
+    Returns:
+        `(text, summary)`: summary maps "framework/precision/settings" to
+        `{"mean": {...}, "spread": {...}, "seeds": [...]}`.
+    """
+    label_width = 28
+    header = f"{'run':<{label_width}} {'seed':>4} " + " ".join(f"{title:>8}" for title, _, _ in _COLUMNS)
     lines = [header, "-" * len(header)]
 
-    def row(framework, seed, values):
-        cells = " ".join(f"{fmt.format(values[key]):>8}" for _, key, fmt in _COLUMNS)
-        return f"{framework:<11} {seed:>4} {cells}"
+    def label(group):
+        return "/".join(group)
 
     for result in results:
-        lines.append(row(result["framework"], result["seed"], result))
+        cells = " ".join(f"{fmt.format(result[key]):>8}" for _, key, fmt in _COLUMNS)
+        lines.append(f"{label(_group(result)):<{label_width}} {result['seed']:>4} {cells}")
     lines.append("-" * len(header))
-    means = {}
-    for framework in frameworks:
-        runs = [r for r in results if r["framework"] == framework]
-        if runs:
-            means[framework] = {key: float(np.mean([r[key] for r in runs])) for _, key, _ in _COLUMNS}
-            lines.append(row(framework, "mean", means[framework]))
-    if len(means) == 2:
-        ratios = [means["keras_clip"][key] / means["open_clip"][key]
-                  for key in ("pairs_per_second", "median_pairs_per_second")]
-        lines.append(f"keras_clip / open_clip training pairs/s: {ratios[0]:.2f}x (median step: {ratios[1]:.2f}x)")
-    return "\n".join(lines), means
+    summary = {}
+    for group in dict.fromkeys(_group(r) for r in results):
+        runs = [r for r in results if _group(r) == group]
+        mean = {key: float(np.mean([r[key] for r in runs])) for _, key, _ in _COLUMNS}
+        spread = {key: float(np.ptp([r[key] for r in runs])) for _, key, _ in _COLUMNS}
+        summary[label(group)] = {"mean": mean, "spread": spread, "seeds": [r["seed"] for r in runs]}
+        cells = " ".join(f"{fmt.format(mean[key]):>8}" for _, key, fmt in _COLUMNS)
+        lines.append(f"{label(group):<{label_width}} {'mean':>4} {cells}")
+        cells = " ".join(f"{fmt.format(spread[key]):>8}" for _, key, fmt in _COLUMNS)
+        lines.append(f"{'':<{label_width}} {'sprd':>4} {cells}")
+    lines.append("spread: max - min over the seeds of that row's runs.")
+    # keras_clip - open_clip per figure (same precision and settings).
+    for precision, settings in dict.fromkeys((g[1], g[2]) for g in map(_group, results)):
+        k, o = summary.get(f"keras_clip/{precision}/{settings}"), summary.get(f"open_clip/{precision}/{settings}")
+        if not (k and o):
+            continue
+        parts = []
+        for key in _FIGURES:
+            delta = k["mean"][key] - o["mean"][key]
+            better = delta <= 0 if key == "final_loss" else delta >= 0
+            verdict = "ok" if better or abs(delta) < k["spread"][key] else "SHORT"
+            parts.append(f"{key} {delta:+.2f} (spread {k['spread'][key]:.2f}, {verdict})")
+        ratio = k["mean"]["pairs_per_second"] / o["mean"]["pairs_per_second"]
+        lines.append(f"keras_clip - open_clip, {precision}/{settings}: " + "; ".join(parts)
+                     + f"; training pairs/s {ratio:.2f}x")
+    return "\n".join(lines), summary
+
+
+def markdown_table(summary):
+    """The README table: mean (seed spread) per figure, one row per framework/precision/settings."""
+    keys = ["image_to_text_R@1", "image_to_text_R@5", "image_to_text_R@10", "text_to_image_R@1",
+            "text_to_image_R@5", "text_to_image_R@10", "cifar10_top1", "final_loss"]
+    lines = ["| run | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+    for name, row in summary.items():
+        lines.append(f"| {name} | " + " | ".join(
+            f"{row['mean'][k]:.{3 if k == 'final_loss' else 1}f} ({row['spread'][k]:.{3 if k == 'final_loss' else 1}f})"
+            for k in keys) + " |")
+    return "\n".join(lines)
 
 
 def main(argv=None):
@@ -440,7 +541,7 @@ def main(argv=None):
     start_time = time.perf_counter()
     os.makedirs(args.out_dir, exist_ok=True)
 
-    import keras_clip
+    import keras_clip  # noqa: F401
 
     flickr_dir = os.path.join(args.data_dir, "flickr8k")
     image_dir = os.path.join(flickr_dir, "images")
@@ -450,96 +551,110 @@ def main(argv=None):
     steps_per_epoch = len(train) // args.batch_size
 
     # Architecture, and its twin among open_clip's model configs.
-    reference = keras_clip.CLIP.from_preset(PRESET, image_size=args.image_size)
+    reference = initial_model(args)
     counts = reference.count_params_by_tower()
-    model_name = f"keras-clip-vit-tiny-{args.image_size}"
+    activation = reference.activation
+    model_name = f"keras-clip-{args.model}-{args.image_size}"
     config_dir = os.path.join(args.out_dir, "open_clip_configs")
     os.makedirs(config_dir, exist_ok=True)
     with open(os.path.join(config_dir, f"{model_name}.json"), "w") as f:
         json.dump(open_clip_model_config(reference), f, indent=2)
-    print(f"Model: {PRESET} at {args.image_size}px (open_clip config {model_name!r}); keras_clip "
+    print(f"Model: {args.model} at {args.image_size}px (open_clip config {model_name!r}); keras_clip "
           f"parameters {counts['total']:,} (visual {counts['visual']:,}, text {counts['text']:,})")
     del reference
 
     keras_table = os.path.join(args.out_dir, "train_keras_clip.tsv")
     write_keras_clip_table(train, keras_table)
-    print(f"Schedule: {args.steps} steps x {args.batch_size} pairs = {pairs:,} pairs; AdamW "
-          f"({BETA_1}, {BETA_2}, eps {EPSILON}), peak lr {args.learning_rate}, {args.warmup_steps} "
-          f"warm-up steps then cosine to 0, weight decay {args.weight_decay}; precision "
-          f"{args.precision} (keras_clip {PRECISIONS[args.precision][0]}, open_clip "
-          f"{PRECISIONS[args.precision][1]}); seeds {args.seeds}")
+    print(f"Schedule: {args.steps} steps x {args.batch_size} pairs = {pairs:,} pairs; AdamW, peak lr "
+          f"{args.learning_rate}, {args.warmup_steps} warm-up steps then cosine to 0, weight decay "
+          f"{args.weight_decay}; precisions {args.precision} (bf16: keras_clip mixed_bfloat16, "
+          f"open_clip amp_bf16); seeds {args.seeds}")
+    for settings in args.settings:
+        for framework in args.frameworks:
+            b1, b2, eps, rule = optimizer_settings(framework, settings, args.matched_recipe)
+            print(f"Settings {settings}, {framework}: betas {b1}/{b2}, epsilon {eps}, weight decay "
+                  f"on {'every matrix (embeddings included)' if rule == 'all_matrices' else 'matrices but not the embeddings'}")
     print(f"Data seen: keras_clip: the {len(train):,} Flickr8k train images, one of their 5 "
           f"captions drawn per image per epoch, epochs of {steps_per_epoch} steps (reshuffled, last "
           f"partial batch dropped). open_clip: a CSV of {pairs:,} rows written per seed "
           f"({math.ceil(pairs / len(train))} pass(es) over the {len(train):,} images, a different "
           f"caption each pass), one open_clip epoch of {args.steps} steps, DataLoader shuffle.")
-    decay_note = ("weight decay on the same tensors (keras_clip with decay_embeddings=True: every "
-                  "matrix including token and positional embeddings, as open_clip)"
-                  if args.decay_embeddings else
-                  "NOT the same weight-decay exclusions (open_clip also decays token and positional "
-                  "embeddings; keras_clip's default does not)")
-    print(f"Aligned: {decay_note}; the initialisation scheme (the reference's). Not aligned (each "
-          "trainer's own random draws and choices): the initial weights drawn, data order and "
-          "crops, input pipeline (tf.data vs DataLoader with 1 worker).")
+    print("Aligned: the initialisation scheme (the reference's). Not aligned (each trainer's own "
+          "random draws and choices): the initial weights drawn, data order and crops, input "
+          "pipeline (tf.data vs DataLoader with 1 worker).")
     skip = max(min(args.warmup_skip, args.steps // 4), 0)
     print(f"pairs/s: training steps {skip + 1}-{args.steps} (first {skip} left out); median: "
-          "batch size / median step time of the same steps; train s: all steps; wall s: the whole training process (start-up, imports, data setup, saving included); loss: "
-          "mean of the last 10 steps' training losses.")
-    print("Evaluation (keras_clip code for both; open_clip checkpoints loaded with "
+          "batch size / median step time of the same steps; train s: all steps; wall s: the whole "
+          "training process (start-up, imports, data setup, saving included); loss: mean of the "
+          "last 10 steps' training losses.")
+    retrieval, cifar = load_test_sets(args.data_dir, flickr, args.cifar_images, args.cifar_templates)
+    print("Evaluation (keras_clip code for both, float32; open_clip checkpoints loaded with "
           f"CLIP.from_preset): Flickr8k test {len(flickr['test']):,} images / "
-          f"{5 * len(flickr['test']):,} captions recall@K; CIFAR-10 test zero-shot top-1, 18 templates.",
+          f"{len(retrieval['captions']):,} captions recall@K; CIFAR-10 zero-shot top-1 on "
+          f"{len(cifar['labels']):,} test images (per class {np.bincount(cifar['labels']).tolist()}), "
+          f"{len(cifar['templates'])} templates {cifar['templates'] if len(cifar['templates']) < 5 else ''}",
           flush=True)
-    retrieval, cifar = load_test_sets(args.data_dir, flickr)
+
+    import keras_clip
 
     results = []
     for seed in args.seeds:
-        for framework in args.frameworks:
-            run_dir = os.path.join(args.out_dir, framework, f"seed_{seed}")
-            print(f"[{framework} seed {seed}] training ({run_dir}/train.log) ...", flush=True)
-            if framework == "keras_clip":
-                run = train_keras_clip(args, seed, keras_table, image_dir, run_dir)
-            else:
-                table = os.path.join(args.out_dir, f"train_open_clip_seed_{seed}.csv")
-                write_open_clip_table(train, image_dir, pairs, seed, table)
-                run = train_open_clip(args, seed, table, config_dir, model_name, run_dir)
-                open_clip_counts = open_clip_param_counts(run["model_path"])
-                same = "equal" if open_clip_counts == counts else "DIFFERENT"
-                print(f"[{framework} seed {seed}] open_clip parameters {open_clip_counts['total']:,} "
-                      f"(visual {open_clip_counts['visual']:,}, text {open_clip_counts['text']:,}): "
-                      f"{same} to keras_clip's", flush=True)
-                if open_clip_counts != counts:
-                    raise RuntimeError(f"Parameter counts differ: open_clip {open_clip_counts}, keras_clip {counts}")
-            model = keras_clip.CLIP.from_preset(run["model_path"], dtype="float32")
-            if model.count_params_by_tower() != counts:
-                raise RuntimeError(f"Reloaded {framework} model has {model.count_params_by_tower()} parameters")
-            start = time.perf_counter()
-            metrics = evaluate(model, retrieval, cifar)
-            del model
-            result = {
-                "framework": framework, "seed": seed,
-                "pairs_per_second": throughput(run["step_seconds"], args.batch_size, skip)[0],
-                "median_pairs_per_second": throughput(run["step_seconds"], args.batch_size, skip)[1],
-                "train_seconds": float(sum(run["step_seconds"])),
-                "wall_seconds": run["wall_seconds"],
-                "final_loss": float(np.mean(run["losses"][-10:])),
-                **metrics,
-                "eval_seconds": time.perf_counter() - start,
-                "losses": run["losses"], "step_seconds": [float(s) for s in run["step_seconds"]],
-            }
-            results.append(result)
-            print(f"[{framework} seed {seed}] {result['pairs_per_second']:.1f} pairs/s, loss "
-                  f"{result['final_loss']:.3f}, I2T R@1 {result['image_to_text_R@1']:.1f}, T2I R@1 "
-                  f"{result['text_to_image_R@1']:.1f}, CIFAR-10 {result['cifar10_top1']:.1f}% "
-                  f"(evaluated in {result['eval_seconds']:.0f} s)", flush=True)
+        for precision in args.precision:
+            for settings in args.settings:
+                for framework in args.frameworks:
+                    run = {"seed": seed, "precision": precision, "settings": settings}
+                    name = f"{framework}/{precision}/{settings} seed {seed}"
+                    run_dir = os.path.join(args.out_dir, framework, precision, settings, f"seed_{seed}")
+                    print(f"[{name}] training ({run_dir}/train.log) ...", flush=True)
+                    if framework == "keras_clip":
+                        trained = train_keras_clip(args, run, keras_table, image_dir, run_dir)
+                    else:
+                        table = os.path.join(args.out_dir, f"train_open_clip_seed_{seed}.csv")
+                        write_open_clip_table(train, image_dir, pairs, seed, table)
+                        trained = train_open_clip(args, run, table, config_dir, model_name, run_dir)
+                        open_clip_counts = open_clip_param_counts(trained["model_path"])
+                        if open_clip_counts != counts:
+                            raise RuntimeError(f"Parameter counts differ: open_clip {open_clip_counts}, "
+                                               f"keras_clip {counts}")
+                    # open_clip's .pt files do not record the activation; keras_clip presets do.
+                    overrides = {"activation": activation} if framework == "open_clip" else {}
+                    model = keras_clip.CLIP.from_preset(trained["model_path"], dtype="float32", **overrides)
+                    if model.count_params_by_tower() != counts:
+                        raise RuntimeError(f"Reloaded {framework} model has {model.count_params_by_tower()} parameters")
+                    start = time.perf_counter()
+                    metrics = evaluate(model, retrieval, cifar)
+                    del model
+                    pairs_per_second, median = throughput(trained["step_seconds"], args.batch_size, skip)
+                    result = {
+                        "framework": framework, **run,
+                        "pairs_per_second": pairs_per_second, "median_pairs_per_second": median,
+                        "train_seconds": float(sum(trained["step_seconds"])),
+                        "wall_seconds": trained["wall_seconds"],
+                        "final_loss": float(np.mean(trained["losses"][-10:])),
+                        **metrics,
+                        "eval_seconds": time.perf_counter() - start,
+                        "losses": trained["losses"], "step_seconds": [float(x) for x in trained["step_seconds"]],
+                    }
+                    results.append(result)
+                    print(f"[{name}] {pairs_per_second:.1f} pairs/s, loss {result['final_loss']:.3f}, "
+                          f"I2T R@1/5/10 {result['image_to_text_R@1']:.1f}/{result['image_to_text_R@5']:.1f}/"
+                          f"{result['image_to_text_R@10']:.1f}, T2I R@1 {result['text_to_image_R@1']:.1f}, "
+                          f"CIFAR-10 {result['cifar10_top1']:.1f}% (evaluated in {result['eval_seconds']:.0f} s)",
+                          flush=True)
 
-    table, means = format_table(results, args.frameworks)
+    table, summary = format_table(results, args.frameworks)
     print()
     print(table)
     print("Chance: CIFAR-10 top-1 10.0; R@1/5/10 about 0.1/0.5/1.0 both ways (K in 1,000).")
+    print()
+    print(markdown_table(summary))
     with open(os.path.join(args.out_dir, "results.json"), "w") as f:
-        json.dump({"args": vars(args), "parameters": counts, "results": results, "means": means}, f, indent=2)
+        json.dump({"args": vars(args), "parameters": counts, "results": results, "summary": summary},
+                  f, indent=2)
+    with open(os.path.join(args.out_dir, "table.md"), "w") as f:
+        f.write(markdown_table(summary) + "\n")
     print(f"At end: {load_average()}; total time {(time.perf_counter() - start_time) / 60:.1f} min")
-    print(f"Results written to {os.path.join(args.out_dir, 'results.json')}")
+    print(f"Results written to {os.path.join(args.out_dir, 'results.json')} and table.md")
 
 
 if __name__ == "__main__":

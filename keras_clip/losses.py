@@ -17,9 +17,14 @@ def contrastive_logits(local_image, local_text, all_image, all_text, logit_scale
         logit_scale: scalar, the temperature's inverse.
 
     Returns:
-        `(logits_per_image, logits_per_text)`, each `(b, N)`.
+        `(logits_per_image, logits_per_text)`, each `(b, N)` float32 (the features are
+        cast to float32 first; open_clip under torch autocast multiplies them in bf16).
     """
-    scale = tf.cast(logit_scale, local_image.dtype)
+    # float32 whatever the towers' compute dtype: a (b, N, E) product, small next to the
+    # towers, and bf16 logits (up to 100) would be rounded to 0.25-0.5 before the softmax.
+    local_image, local_text, all_image, all_text = (
+        tf.cast(t, tf.float32) for t in (local_image, local_text, all_image, all_text))
+    scale = tf.cast(logit_scale, tf.float32)
     logits_per_image = scale * tf.matmul(local_image, all_text, transpose_b=True)  # (b, N)
     logits_per_text = scale * tf.matmul(local_text, all_image, transpose_b=True)  # (b, N)
     return logits_per_image, logits_per_text
@@ -79,13 +84,15 @@ def sigmoid_loss(local_image, local_text, all_image, all_text, logit_scale, logi
     """
     scale = tf.cast(logit_scale, tf.float32)
     bias = tf.cast(logit_bias, tf.float32)
-    cosine = tf.cast(tf.matmul(local_image, all_text, transpose_b=True), tf.float32)  # (b, N)
+    cosine = tf.matmul(tf.cast(local_image, tf.float32), tf.cast(all_text, tf.float32),
+                       transpose_b=True)  # (b, N), float32 as in `contrastive_logits`
     logits_per_image = scale * cosine + bias
     labels = label_offset + tf.range(tf.shape(local_image)[0])  # (b,)
     signs = 2.0 * tf.one_hot(labels, tf.shape(all_text)[0], dtype=tf.float32) - 1.0  # (b, N)
     loss = -tf.reduce_mean(tf.reduce_sum(tf.math.log_sigmoid(signs * logits_per_image), axis=1))
-    logits_per_text = scale * tf.cast(
-        tf.matmul(local_text, tf.stop_gradient(all_image), transpose_b=True), tf.float32) + bias
+    logits_per_text = scale * tf.matmul(tf.cast(local_text, tf.float32),
+                                        tf.stop_gradient(tf.cast(all_image, tf.float32)),
+                                        transpose_b=True) + bias
     return _step_outputs(loss, logits_per_image, logits_per_text, labels)
 
 

@@ -10,6 +10,7 @@ strategy, and calls `keras_clip.training.run`. Every flag is optional.
 import dataclasses
 import os
 import sys
+import typing
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -21,7 +22,9 @@ from keras_clip.training.config import TrainConfig, help_text  # noqa: E402
 _DEFAULTS = TrainConfig()
 for field in dataclasses.fields(TrainConfig):
     default = getattr(_DEFAULTS, field.name)
-    if field.name == "clipnorm":
+    if default is None:  # optional numbers (`float | None`): unset means "automatic"
+        if float not in typing.get_args(field.type):
+            raise TypeError(f"No flag type for the optional field {field.name}: {field.type}")
         flags.DEFINE_float(field.name, None, help_text(field.name))
     elif isinstance(default, bool) or field.type in ("bool",):
         flags.DEFINE_bool(field.name, default, help_text(field.name))

@@ -15,9 +15,10 @@ class CLIPAttention(keras.layers.Layer):
 
     Queries, keys and values come from one packed projection (`qkv`, kernel
     `(hidden_dim, 3 * hidden_dim)`, in q, k, v order), as in OpenAI's checkpoints
-    (`in_proj_weight`), so weights convert by a transpose. The scores are scaled by
-    `head_dim^-0.5` and soft-maxed in float32 under bf16 compute (the reference
-    scales the queries before the product: the same up to rounding). The projections
+    (`in_proj_weight`), so weights convert by a transpose. Under bf16 compute the
+    scores `q k^T` are computed from float32 q and k, scaled by `head_dim^-0.5` and
+    soft-maxed in float32, as PyTorch's CPU attention does under autocast (the
+    reference scales the queries before the product: the same up to rounding). The projections
     run as fused oneDNN `MatMul+BiasAdd` on `(batch * length, hidden_dim)` rows
     (`keras_clip.layers.fast_ops`).
 
@@ -94,8 +95,11 @@ class CLIPAttention(keras.layers.Layer):
         qkv = ops.reshape(dense_rows(self.qkv, rows),
                           (batch, length, 3, self.num_heads, self.head_dim))
         q, k, v = tf.unstack(ops.transpose(qkv, (2, 0, 3, 1, 4)))  # (B, H, T, Dh) each
-        scores = tf.matmul(q, k, transpose_b=True)  # (B, H, T, T)
-        scores = ops.cast(scores, "float32") * (1.0 / math.sqrt(self.head_dim))
+        # Scores from float32 q and k, soft-maxed in float32: a bf16 product rounds every
+        # score before the softmax (PyTorch's CPU attention keeps them in float32). The
+        # product is ~T / (12 D) of a block's FLOPs.
+        scores = tf.matmul(ops.cast(q, "float32"), ops.cast(k, "float32"), transpose_b=True)  # (B, H, T, T)
+        scores = scores * (1.0 / math.sqrt(self.head_dim))
         if causal:
             positions = ops.arange(length)
             allowed = positions[None, :] <= positions[:, None]  # (T, T)

@@ -49,7 +49,11 @@ class ResidualAttentionBlock(keras.layers.Layer):
         mlp_std=None,
         **kwargs,
     ):
-        super().__init__(**kwargs)
+        # No autocast: under a mixed policy the residual stream keeps the dtype it arrives
+        # in (the text tower passes float32, as torch autocast does); the branches cast to
+        # the compute dtype themselves.
+        kwargs.pop("autocast", None)
+        super().__init__(autocast=False, **kwargs)
         if intermediate_dim <= 0:
             raise ValueError(
                 f"`intermediate_dim` must be positive. Received: intermediate_dim={intermediate_dim}"
@@ -102,24 +106,35 @@ class ResidualAttentionBlock(keras.layers.Layer):
         self.c_proj.build(tuple(input_shape[:-1]) + (self.intermediate_dim,))
 
     def call(self, x, causal=False):
-        x = x + self.attn(self.ln_1(x), causal=causal)  # (B, T, D)
+        # x: (B, T, D) residual stream, in the compute dtype or (mixed policies, text tower)
+        # in float32; each branch runs in the compute dtype and is added back in x's dtype.
+        compute = self.compute_dtype
+        h = self._norm(self.ln_1, x)  # (B, T, D), compute dtype
+        x = x + ops.cast(self.attn(h, causal=causal), x.dtype)  # (B, T, D)
         rows = ops.reshape(x, (-1, self.hidden_dim))  # (B*T, D)
         if self.activation == "quick_gelu" and fusable(self.c_fc) and fusable(self.c_proj):
             # x * sigmoid(1.702 x) = swish(1.702 x) / 1.702. The 1.702 goes into ln_2's
             # gain and bias and c_fc's bias ((D,)-vectors), so c_fc's MatMul, BiasAdd
             # and Swish fuse into one oneDNN op; 1 / 1.702 scales c_proj's output.
             # A separate QuickGELU cost ~40% of c_fc's matmul time in bf16.
-            h = dense_rows(self.c_fc, layer_norm(self.ln_2, rows, scale=_QUICK_GELU),
+            h = dense_rows(self.c_fc, ops.cast(layer_norm(self.ln_2, rows, scale=_QUICK_GELU), compute),
                            activation="swish", bias_scale=_QUICK_GELU)  # (B*T, 4D)
             out = dense_rows(self.c_proj, h, bias_scale=_QUICK_GELU) * ops.cast(
                 1.0 / _QUICK_GELU, h.dtype)  # (B*T, D)
         elif self.activation == "gelu":  # exact GELU: fused as it is
-            h = dense_rows(self.c_fc, self.ln_2(rows), activation="gelu")  # (B*T, 4D)
+            h = dense_rows(self.c_fc, self._norm(self.ln_2, rows), activation="gelu")  # (B*T, 4D)
             out = dense_rows(self.c_proj, h)  # (B*T, D)
         else:  # quantized or LoRA layers
-            h = self._activation_fn(dense_rows(self.c_fc, self.ln_2(rows)))  # (B*T, 4D)
-            out = dense_rows(self.c_proj, h)  # (B*T, D)
-        return x + ops.reshape(out, ops.shape(x))  # (B, T, D)
+            h = self._activation_fn(self.c_fc(self._norm(self.ln_2, rows)))  # (B*T, 4D)
+            out = self.c_proj(h)  # (B*T, D)
+        return x + ops.cast(ops.reshape(out, ops.shape(x)), x.dtype)  # (B, T, D)
+
+    def _norm(self, layer, x):
+        """`layer(x)` in the compute dtype; a float32 residual stream under a mixed policy
+        is normalised from its float32 values (statistics in float32 either way)."""
+        if keras.backend.standardize_dtype(x.dtype) == self.compute_dtype:
+            return layer(x)  # Keras' LayerNormalization, as before float32 streams
+        return ops.cast(layer_norm(layer, x), self.compute_dtype)
 
     def compute_output_shape(self, input_shape):
         return input_shape

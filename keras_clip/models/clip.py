@@ -384,16 +384,22 @@ class CLIP(keras.Model):
         return list(self._trackers.values())
 
     def _encode_pair(self, images, token_ids, training, seed=None):
+        """Unit-norm float32 `(b, E)` image and text embeddings for the loss.
+
+        The towers run in the compute dtype; the features are normalised in float32
+        and stay float32 into the logits (not rounded to bf16 in between).
+        """
         if not self._jit_towers:
             # Trimming to the batch's longest text is exact (causal mask) and saves
             # text-tower compute; XLA needs static shapes, so only without it.
-            return (self.encode_image(images, training=training, seed=seed),
-                    self.encode_text(token_ids, trim=True))
+            return (_unit_float32(self.encode_image(images, normalize=False, training=training, seed=seed)),
+                    _unit_float32(self.encode_text(token_ids, normalize=False, trim=True)))
         if self._encode_pair_fn is None:
             self._encode_pair_fn = {
                 flag: tf.function(
-                    lambda i, t, s=None, flag=flag: (self.encode_image(i, training=flag, seed=s),
-                                                     self.encode_text(t)),
+                    lambda i, t, s=None, flag=flag: (
+                        _unit_float32(self.encode_image(i, normalize=False, training=flag, seed=s)),
+                        _unit_float32(self.encode_text(t, normalize=False))),
                     jit_compile=True,
                 )
                 for flag in (True, False)
@@ -758,6 +764,11 @@ def _set_trainable(layer, value):
         sublayer.trainable = value
 
 
-def _l2_normalize(x):
+def _unit_float32(x):
+    """`x / ||x||` over the last axis, computed and returned in float32."""
     x32 = ops.cast(x, "float32")
-    return ops.cast(x32 / ops.sqrt(ops.sum(x32 * x32, axis=-1, keepdims=True)), x.dtype)
+    return x32 / ops.sqrt(ops.sum(x32 * x32, axis=-1, keepdims=True))
+
+
+def _l2_normalize(x):
+    return ops.cast(_unit_float32(x), x.dtype)

@@ -2,6 +2,7 @@
 import keras
 from keras import ops
 
+from keras_clip.layers.fast_ops import layer_norm
 from keras_clip.layers.residual_attention_block import residual_attention_blocks
 
 
@@ -12,6 +13,11 @@ class CLIPTextTransformer(keras.layers.Layer):
     Token embedding + learned positional embedding, `num_layers` pre-LayerNorm
     residual blocks with a causal mask, a final LayerNorm, the feature at the
     end-of-text token, and a linear projection (no bias) to `embed_dim`.
+
+    Under a mixed policy (float32 weights, bf16 compute) the residual stream, from the
+    token-embedding lookup to `ln_final`, is float32 and only the blocks' branches run in
+    bf16, as open_clip's text tower under torch autocast; the tower's output is in the
+    compute dtype.
 
     Deviation from OpenAI's reference: the end-of-text position is found by its id
     (`end_token_id`), not by `argmax` over ids (identical for OpenAI's tokenizer, where
@@ -84,9 +90,13 @@ class CLIPTextTransformer(keras.layers.Layer):
         self.end_token_id = end_token_id
 
         normal = keras.initializers.RandomNormal
+        # Under a mixed policy (float32 variables, bf16 compute) the lookup returns float32:
+        # the residual stream starts in float32 (see `call`).
+        policy = self.dtype_policy
+        mixed = policy.variable_dtype == "float32" and policy.compute_dtype != "float32"
         self.token_embedding = keras.layers.Embedding(
             vocabulary_size, hidden_dim, embeddings_initializer=normal(stddev=0.02),
-            name="token_embedding", dtype=self.dtype_policy,
+            name="token_embedding", dtype="float32" if mixed else self.dtype_policy,
         )
         self.resblocks = residual_attention_blocks(
             hidden_dim, num_layers, num_heads, intermediate_dim, activation,
@@ -126,15 +136,22 @@ class CLIPTextTransformer(keras.layers.Layer):
         if trim:
             token_ids = token_ids[:, : ops.max(positions) + 1]
         length = ops.shape(token_ids)[1]
-        x = self.token_embedding(token_ids)  # (B, T, D)
-        x = x + ops.cast(self.positional_embedding[:length], x.dtype)
+        # The residual stream in the variable dtype: float32 under mixed policies, as
+        # open_clip's text tower under torch autocast (embedding lookups and additions are
+        # not autocast there); bf16 rounding of each block's output into a bf16 stream
+        # made keras_clip's mixed_bfloat16 gradients noisier than open_clip's.
+        # (The positional embedding and ln_final's gain and bias are read in the compute
+        # dtype: Keras autocasts a mixed layer's own variables inside its call.)
+        residual = self.variable_dtype
+        x = ops.cast(self.token_embedding(token_ids), residual)  # (B, T, D)
+        x = x + ops.cast(self.positional_embedding[:length], residual)
         for block in self.resblocks:
             if self.remat:  # keep only the block's input; recompute the rest in backward
                 x = keras.remat(lambda h, block=block: block(h, causal=True))(x)
             else:
                 x = block(x, causal=True)  # (B, T, D)
-        x = self.ln_final(x)
         pooled = ops.take_along_axis(x, positions[:, None, None], axis=1)[:, 0]  # (B, D)
+        pooled = ops.cast(layer_norm(self.ln_final, pooled), self.compute_dtype)  # per-token: same as before pooling
         return ops.matmul(pooled, ops.cast(self.text_projection, pooled.dtype))  # (B, E)
 
     def compute_output_shape(self, input_shape):

@@ -10,6 +10,8 @@ PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 STRATEGIES = ("one_device", "mirrored", "multiworker")
 JIT_SETTINGS = ("auto", "true", "false")
 LOSSES = ("softmax", "sigmoid")
+OPTIMIZER_RECIPES = ("paper", "open_clip")  # keras_clip.training.optimizer.RECIPES
+WEIGHT_DECAY_RULES = ("auto", "except_embeddings", "all_matrices")
 
 
 def _field(default, help_text):
@@ -45,8 +47,20 @@ class TrainConfig:
     learning_rate: float = _field(1e-3, "Peak learning rate after warm-up.")
     warmup_steps: int = _field(30, "Linear warm-up steps.")
     weight_decay: float = _field(0.1, "AdamW decoupled weight decay.")
-    decay_embeddings: bool = _field(False, "Also weight-decay the token and positional "
-                                           "embeddings (open_clip's rule).")
+    optimizer_recipe: str = _field(
+        "paper", "AdamW settings by name: paper (betas 0.9/0.98, epsilon 1e-6 for ViTs and 1e-8 "
+        "for ResNets, embeddings not decayed) | open_clip (open_clip_train's defaults: betas "
+        "0.9/0.999, epsilon 1e-8, every matrix decayed, embeddings included). --beta_1, "
+        "--beta_2, --epsilon and --weight_decay_rule override single settings.")
+    beta_1: float | None = _field(None, "Adam's beta_1 (unset: the recipe's, 0.9).")
+    beta_2: float | None = _field(None, "Adam's beta_2 (unset: the recipe's, 0.98 paper / 0.999 "
+                                        "open_clip).")
+    epsilon: float | None = _field(None, "Adam's epsilon (unset: the recipe's; paper: 1e-6 ViT, "
+                                         "1e-8 ResNet; open_clip: 1e-8).")
+    weight_decay_rule: str = _field(
+        "auto", "Tensors weight-decayed: auto (the recipe's) | except_embeddings (matrices but not "
+        "the token/positional embeddings; the paper recipe) | all_matrices (every tensor of 2+ "
+        "dimensions, open_clip's rule). Gains, biases and the temperature never are.")
     clipnorm: float | None = _field(None, "Gradient clipping norm (unset: off).")
     precision: str = _field("float32", "float32 | mixed_bfloat16 | mixed_float16 (loss scaling).")
     jit_compile: str = _field("auto", "auto | true | false (XLA for the towers; auto: on where "
@@ -120,11 +134,18 @@ class TrainConfig:
             fail("clipnorm", "None or a positive number")
         if not is_number(self.patch_dropout) or not 0.0 <= self.patch_dropout < 1.0:
             fail("patch_dropout", "in [0, 1)")
-        for name in ("decay_embeddings", "lock_image", "lock_text", "remat"):
+        for name in ("beta_1", "beta_2"):
+            value = getattr(self, name)
+            if value is not None and (not is_number(value) or not 0.0 <= value < 1.0):
+                fail(name, "None or a number in [0, 1)")
+        if self.epsilon is not None and (not is_number(self.epsilon) or not self.epsilon > 0):
+            fail("epsilon", "None or a positive number")
+        for name in ("lock_image", "lock_text", "remat"):
             if not isinstance(getattr(self, name), bool):
                 fail(name, "a bool")
         for name, choices in (("precision", PRECISIONS), ("strategy", STRATEGIES),
-                              ("loss", LOSSES)):
+                              ("loss", LOSSES), ("optimizer_recipe", OPTIMIZER_RECIPES),
+                              ("weight_decay_rule", WEIGHT_DECAY_RULES)):
             if getattr(self, name) not in choices:
                 fail(name, "one of " + ", ".join(choices))
         if str(self.jit_compile).lower() not in JIT_SETTINGS:

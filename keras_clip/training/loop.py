@@ -282,8 +282,11 @@ def build_model_and_optimizer(config, total_steps):
         model.lock_towers(config.lock_image, config.lock_text,
                           config.unlocked_image_blocks, config.unlocked_text_blocks)
     schedule = WarmupCosineDecay(config.learning_rate, config.warmup_steps, total_steps)
-    optimizer = create_optimizer(model, schedule, weight_decay=config.weight_decay,
-                                 clipnorm=config.clipnorm, decay_embeddings=config.decay_embeddings)
+    optimizer = create_optimizer(
+        model, schedule, weight_decay=config.weight_decay, clipnorm=config.clipnorm,
+        recipe=config.optimizer_recipe, beta_1=config.beta_1, beta_2=config.beta_2,
+        epsilon=config.epsilon,
+        weight_decay_rule=None if config.weight_decay_rule == "auto" else config.weight_decay_rule)
     if config.precision == "mixed_float16":
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     model.compile(optimizer=optimizer, jit_compile=_jit_enabled(config.jit_compile),
