@@ -13,22 +13,23 @@ class AttentionPool2D(keras.layers.Layer):
 
     The query is the mean of the spatial features; keys and values are the mean
     followed by every spatial feature; all get a learned positional embedding.
-    Separate q, k, v projections (with bias) and an output projection to `output_dim`.
+    Separate q, k, v projections (with bias) and an output projection to `embed_dim`.
+    (OpenAI's `output_dim`; a saved config with `output_dim` still loads.)
 
     Args:
         spatial_dim: int. Side of the square input feature map (image_size // 32).
         hidden_dim: int. Channels of the feature map.
         num_heads: int. Attention heads.
-        output_dim: int. Width of the output (the CLIP `embed_dim`).
+        embed_dim: int. Width of the output (the CLIP `embed_dim`).
 
     Call arguments:
         x: `(batch, spatial_dim, spatial_dim, hidden_dim)`.
 
     Returns:
-        `(batch, output_dim)`.
+        `(batch, embed_dim)`.
     """
 
-    def __init__(self, spatial_dim, hidden_dim, num_heads, output_dim, **kwargs):
+    def __init__(self, spatial_dim, hidden_dim, num_heads, embed_dim, **kwargs):
         super().__init__(**kwargs)
         if hidden_dim % num_heads:
             raise ValueError(
@@ -38,7 +39,7 @@ class AttentionPool2D(keras.layers.Layer):
         self.spatial_dim = spatial_dim
         self.hidden_dim = hidden_dim
         self.num_heads = num_heads
-        self.output_dim = output_dim
+        self.embed_dim = embed_dim
         self.head_dim = hidden_dim // num_heads
         std = hidden_dim**-0.5
         # Weights as OpenAI's `initialize_parameters`, biases as `nn.Linear`'s default.
@@ -51,7 +52,7 @@ class AttentionPool2D(keras.layers.Layer):
         self.q_proj = dense(hidden_dim, "q_proj")
         self.k_proj = dense(hidden_dim, "k_proj")
         self.v_proj = dense(hidden_dim, "v_proj")
-        self.c_proj = dense(output_dim, "c_proj")
+        self.c_proj = dense(embed_dim, "c_proj")
 
     def build(self, input_shape):
         self.positional_embedding = self.add_weight(
@@ -75,10 +76,10 @@ class AttentionPool2D(keras.layers.Layer):
         probs = ops.cast(ops.softmax(scores, axis=-1), v.dtype)
         out = ops.einsum("bhqk,bkhd->bqhd", probs, v)  # (B, 1, H, Dh)
         out = ops.reshape(out, (batch, self.hidden_dim))
-        return self.c_proj(out)  # (B, output_dim)
+        return self.c_proj(out)  # (B, embed_dim)
 
     def compute_output_shape(self, input_shape):
-        return (input_shape[0], self.output_dim)
+        return (input_shape[0], self.embed_dim)
 
     def get_config(self):
         config = super().get_config()
@@ -87,7 +88,14 @@ class AttentionPool2D(keras.layers.Layer):
                 "spatial_dim": self.spatial_dim,
                 "hidden_dim": self.hidden_dim,
                 "num_heads": self.num_heads,
-                "output_dim": self.output_dim,
+                "embed_dim": self.embed_dim,
             }
         )
         return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        if "output_dim" in config:  # the name up to issue 12
+            config["embed_dim"] = config.pop("output_dim")
+        return super().from_config(config)

@@ -1,6 +1,7 @@
 """The CLIP model: an image tower and a text tower in one embedding space."""
 import contextlib
 import json
+import numbers
 import os
 import shutil
 
@@ -38,6 +39,7 @@ class CLIP(keras.Model):
         image_size: int. Input resolution.
         vision_architecture: `"vit"` or `"resnet"`.
         vision_num_layers: int (ViT depth) or 4 ints (ResNet blocks per stage).
+            Default `None`: 12 for a ViT, RN50's `[3, 4, 6, 3]` for a ResNet.
         vision_hidden_dim: int. ViT width, or ResNet base width (64 for RN50).
         vision_num_heads: int. ViT heads, or heads of the ResNet attention pool.
         vision_patch_size: int. ViT only.
@@ -89,7 +91,7 @@ class CLIP(keras.Model):
         embed_dim=512,
         image_size=224,
         vision_architecture="vit",
-        vision_num_layers=12,
+        vision_num_layers=None,
         vision_hidden_dim=768,
         vision_num_heads=12,
         vision_patch_size=32,
@@ -125,9 +127,8 @@ class CLIP(keras.Model):
         self.embed_dim = embed_dim
         self.image_size = image_size
         self.vision_architecture = vision_architecture
-        self.vision_num_layers = (
-            list(vision_num_layers) if vision_architecture == "resnet" else vision_num_layers
-        )
+        vision_num_layers = _resolve_vision_num_layers(vision_architecture, vision_num_layers)
+        self.vision_num_layers = vision_num_layers
         self.vision_hidden_dim = vision_hidden_dim
         self.vision_num_heads = vision_num_heads
         self.vision_patch_size = vision_patch_size
@@ -729,6 +730,32 @@ class CLIP(keras.Model):
         from keras_clip.convert import writers
 
         return writers.save_checkpoint(self, path, format)
+
+
+RN50_BLOCKS = (3, 4, 6, 3)
+VIT_DEFAULT_LAYERS = 12
+
+
+def _resolve_vision_num_layers(architecture, num_layers):
+    """`vision_num_layers` for `architecture`: the default for `None` (12 for a ViT,
+    RN50's `[3, 4, 6, 3]` for a ResNet), a list for a ResNet, the int for a ViT."""
+    if architecture == "resnet":
+        if num_layers is None:
+            return list(RN50_BLOCKS)
+        if isinstance(num_layers, (str, bytes)) or not hasattr(num_layers, "__iter__"):
+            raise ValueError(
+                "`vision_num_layers` must be 4 ints for a ResNet (bottleneck blocks per "
+                f"stage; RN50: {list(RN50_BLOCKS)}). Received: vision_num_layers={num_layers!r}"
+            )
+        return list(num_layers)
+    if num_layers is None:
+        return VIT_DEFAULT_LAYERS
+    if isinstance(num_layers, bool) or not isinstance(num_layers, numbers.Integral):
+        raise ValueError(
+            "`vision_num_layers` must be an int for a ViT (transformer blocks). "
+            f"Received: vision_num_layers={num_layers!r}"
+        )
+    return num_layers
 
 
 def _is_loss_weight(variable):
