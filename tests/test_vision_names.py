@@ -103,3 +103,26 @@ def test_attention_pool_saved_with_output_dim_loads_with_the_same_outputs():
     assert old.get_config() == dict(
         {k: v for k, v in OLD_ATTENTION_POOL_CONFIG.items() if k != "output_dim"}, embed_dim=16
     )
+
+
+def test_default_resnet_is_rn50_as_open_clip_builds_it(open_clip_module):
+    """Every vision default resolves to RN50's: the tower has open_clip's RN50 image
+    tower's parameter count (base width 64, 32 attention-pool heads)."""
+    from open_clip.modified_resnet import ModifiedResNet
+
+    model = CLIP(embed_dim=1024, vision_architecture="resnet", context_length=8,
+                 vocabulary_size=300, text_hidden_dim=16, text_num_layers=1, text_num_heads=2,
+                 end_token_id=299)
+    config = model.get_config()
+    assert (config["vision_hidden_dim"], config["vision_num_heads"]) == (64, 32)
+    reference = ModifiedResNet(layers=(3, 4, 6, 3), output_dim=1024, heads=32, image_size=224, width=64)
+    expected = sum(p.numel() for p in reference.parameters()) + sum(
+        b.numel() for name, b in reference.named_buffers() if "running" in name)
+    assert model.visual.count_params() == expected
+
+
+def test_default_vit_widths_are_vit_b():
+    model = CLIP(embed_dim=16, image_size=32, vision_patch_size=16, vision_num_layers=1,
+                 context_length=8, vocabulary_size=300, text_hidden_dim=8, text_num_layers=1,
+                 text_num_heads=2, end_token_id=299)
+    assert (model.vision_hidden_dim, model.vision_num_heads) == (768, 12)

@@ -40,8 +40,10 @@ class CLIP(keras.Model):
         vision_architecture: `"vit"` or `"resnet"`.
         vision_num_layers: int (ViT depth) or 4 ints (ResNet blocks per stage).
             Default `None`: 12 for a ViT, RN50's `[3, 4, 6, 3]` for a ResNet.
-        vision_hidden_dim: int. ViT width, or ResNet base width (64 for RN50).
-        vision_num_heads: int. ViT heads, or heads of the ResNet attention pool.
+        vision_hidden_dim: int. ViT width, or ResNet base width; default
+            (`None`) ViT-B's 768, or RN50's 64.
+        vision_num_heads: int. ViT heads, or heads of the ResNet attention pool;
+            default (`None`) ViT-B's 12, or RN50's 32.
         vision_patch_size: int. ViT only.
         vision_intermediate_dim: int. ViT MLP width; default 4 * vision_hidden_dim.
         vision_patch_dropout: float in [0, 1). ViT only: FLIP's patch dropout, the
@@ -92,8 +94,8 @@ class CLIP(keras.Model):
         image_size=224,
         vision_architecture="vit",
         vision_num_layers=None,
-        vision_hidden_dim=768,
-        vision_num_heads=12,
+        vision_hidden_dim=None,
+        vision_num_heads=None,
         vision_patch_size=32,
         vision_intermediate_dim=None,
         vision_patch_dropout=0.0,
@@ -129,6 +131,11 @@ class CLIP(keras.Model):
         self.vision_architecture = vision_architecture
         vision_num_layers = _resolve_vision_num_layers(vision_architecture, vision_num_layers)
         self.vision_num_layers = vision_num_layers
+        # Per-architecture defaults (ViT-B/32, RN50); the resolved values are the config.
+        if vision_hidden_dim is None:
+            vision_hidden_dim = 64 if vision_architecture == "resnet" else 768
+        if vision_num_heads is None:
+            vision_num_heads = 32 if vision_architecture == "resnet" else 12
         self.vision_hidden_dim = vision_hidden_dim
         self.vision_num_heads = vision_num_heads
         self.vision_patch_size = vision_patch_size
