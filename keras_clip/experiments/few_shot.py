@@ -179,7 +179,7 @@ def compare_zero_shot_and_few_shot(model, dataset, templates, ks=DEFAULT_KS, see
 
 def _worth_text(worth, ks):
     if worth["bound"] == "below_smallest_k":
-        return f"fewer than {ks[0]} labelled examples per class"
+        return f"fewer than {ks[0]} labelled example{'' if ks[0] == 1 else 's'} per class"
     if worth["bound"] == "above_largest_k":
         return f"more than {ks[-1]} labelled examples per class"
     return f"{worth['examples_per_class']:.2f} labelled examples per class"
