@@ -73,7 +73,7 @@ def _numpy_clip_loss(image, text, scale):
     return 0.5 * (ce(logits) + ce(logits.T))
 
 
-def test_clip_with_bag_of_words_text_trains_contrastively():
+def test_clip_with_bag_of_words_text_trains_contrastively(tmp_path):
     keras.utils.set_random_seed(0)
     model = CLIP(**dict(harness.TINY_VIT_SMALL_VOCAB, text_architecture="bag_of_words"))
     assert isinstance(model.text, CLIPBagOfWordsEncoder)
@@ -101,6 +101,11 @@ def test_clip_with_bag_of_words_text_trains_contrastively():
     config = model.get_config()
     assert config["text_architecture"] == "bag_of_words"
     assert isinstance(CLIP.from_config(config).text, CLIPBagOfWordsEncoder)
+    model.save_to_preset(str(tmp_path / "preset"))
+    reloaded = CLIP.from_preset(str(tmp_path / "preset"))
+    assert isinstance(reloaded.text, CLIPBagOfWordsEncoder)
+    np.testing.assert_array_equal(np.asarray(reloaded.encode_text(tokens)),
+                                  np.asarray(model.encode_text(tokens)))
     assert TrainConfig(text_architecture="bag_of_words").validate().text_architecture \
         == "bag_of_words"
     with pytest.raises(ValueError, match="`text_architecture` must be one of transformer, "
