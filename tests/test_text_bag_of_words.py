@@ -45,6 +45,31 @@ def test_matches_numpy_reference_and_ignores_padding():
     np.testing.assert_allclose(np.asarray(layer(ids[:, :5]))[:4], out[:4], rtol=1e-5, atol=1e-6)
 
 
+def test_mixed_bfloat16_keeps_the_mean_in_float32():
+    ids = _tokens(np.random.default_rng(2), 6, 9, 50)
+    keras.utils.set_random_seed(0)
+    full = CLIPBagOfWordsEncoder(embed_dim=6, vocabulary_size=50, context_length=9, hidden_dim=10)
+    full.build(ids.shape)
+    mixed = CLIPBagOfWordsEncoder(embed_dim=6, vocabulary_size=50, context_length=9,
+                                  hidden_dim=10, dtype="mixed_bfloat16")
+    mixed.build(ids.shape)
+    mixed.set_weights(full.get_weights())
+    assert mixed.token_embedding.compute_dtype == "float32"
+    out = mixed(ids)
+    assert out.dtype == "bfloat16"
+    # Reference: float32 mean, rounded to bf16, times the bf16-rounded projection.
+    embedding = np.asarray(full.token_embedding.embeddings, np.float32)
+    projection = np.asarray(full.text_projection, np.float32)
+    to_bf16 = lambda x: keras.ops.convert_to_numpy(keras.ops.cast(
+        keras.ops.cast(x, "bfloat16"), "float32")).astype(np.float64)
+    means = _numpy_bag_of_words(ids, embedding, np.eye(10))
+    expected = to_bf16(means.astype(np.float32)) @ to_bf16(projection)
+    got = keras.ops.convert_to_numpy(keras.ops.cast(out, "float32"))
+    scale = np.abs(expected).max()
+    # Only the output's own bf16 rounding (8 bits) separates them.
+    np.testing.assert_allclose(got, expected, atol=scale * 2.0 ** -7)
+
+
 def test_round_trips_every_argument():
     layer = CLIPBagOfWordsEncoder(embed_dim=5, vocabulary_size=40, context_length=7,
                                   hidden_dim=3, pad_token_id=39, name="bow")

@@ -12,7 +12,8 @@ class CLIPBagOfWordsEncoder(keras.layers.Layer):
     then a linear projection (no bias) to `embed_dim`. It replaces the text
     transformer for the paper's "bag-of-words contrastive" model. The start and
     end tokens are non-padding tokens and are averaged like any word. A row of
-    padding only gives zeros.
+    padding only gives zeros. Under a mixed policy the lookup and the mean are
+    float32 and the projection runs in the compute dtype.
 
     Deviation from the paper: the paper does not specify its bag-of-words encoder
     beyond "a bag-of-words encoding of the same text"; this one is the simplest such
@@ -54,10 +55,14 @@ class CLIPBagOfWordsEncoder(keras.layers.Layer):
         self.hidden_dim = hidden_dim
         self.pad_token_id = pad_token_id
         self.remat = False  # the transformer's training switch; nothing to recompute here
+        # Under a mixed policy the lookup and the mean stay float32 (as the transformer's
+        # residual stream); only the projection runs in the compute dtype.
+        policy = self.dtype_policy
+        mixed = policy.variable_dtype == "float32" and policy.compute_dtype != "float32"
         self.token_embedding = keras.layers.Embedding(
             vocabulary_size, hidden_dim,
             embeddings_initializer=keras.initializers.RandomNormal(stddev=0.02),
-            name="token_embedding", dtype=self.dtype_policy,
+            name="token_embedding", dtype="float32" if mixed else policy,
         )
 
     def build(self, input_shape):
@@ -74,7 +79,8 @@ class CLIPBagOfWordsEncoder(keras.layers.Layer):
         mask = ops.cast(ops.not_equal(token_ids, self.pad_token_id), embeddings.dtype)  # (B, L)
         total = ops.sum(embeddings * mask[:, :, None], axis=1)  # (B, H)
         count = ops.maximum(ops.sum(mask, axis=1, keepdims=True), 1.0)  # (B, 1)
-        return ops.matmul(total / count, ops.cast(self.text_projection, embeddings.dtype))  # (B, E)
+        mean = ops.cast(total / count, self.compute_dtype)  # (B, H)
+        return ops.matmul(mean, ops.cast(self.text_projection, self.compute_dtype))  # (B, E)
 
     def compute_output_shape(self, input_shape):
         return (input_shape[0], self.embed_dim)
