@@ -131,6 +131,10 @@ def test_clip_with_bag_of_words_text_trains_contrastively(tmp_path):
     assert isinstance(reloaded.text, CLIPBagOfWordsEncoder)
     np.testing.assert_array_equal(np.asarray(reloaded.encode_text(tokens)),
                                   np.asarray(model.encode_text(tokens)))
+    for format in ("open_clip", "openai", "hf", "keras_hub"):  # no place for this tower
+        with pytest.raises(ValueError, match=f"The {format} format holds a transformer text "
+                                             "tower only.*text_architecture='bag_of_words'"):
+            model.save_checkpoint(str(tmp_path / format), format)
     assert TrainConfig(text_architecture="bag_of_words").validate().text_architecture \
         == "bag_of_words"
     with pytest.raises(ValueError, match="`text_architecture` must be one of transformer, "
