@@ -19,7 +19,8 @@ flags.DEFINE_string("templates", None, "The dataset's own templates: shipped nam
                     "file, or default (demo: its templates; else 'a photo of a {}.').")
 flags.DEFINE_string("output_dir", "docs/experiments", "Where JSON, Markdown and PNG go.")
 flags.DEFINE_string("tag", None, "File-name tag (default: the dataset's name).")
-flags.DEFINE_string("cache_dir", None, "Image-embedding cache (default <output_dir>/embedding_cache).")
+flags.DEFINE_string("cache_dir", None,
+                    "Image-embedding cache (default <output_dir>/embedding_cache).")
 flags.DEFINE_integer("max_examples", None, "Seeded subset size (demo: number of images, 600).")
 flags.DEFINE_integer("batch_size", 64, "Images per forward pass.")
 flags.DEFINE_integer("seed", 0, "Subset and split seed.")
