@@ -10,7 +10,8 @@ EXPERIMENTS = ("prompts", "few_shot")
 
 def run_experiment(name, preset=None, dataset=common.DEMO, templates=None,
                    output_dir="docs/experiments", tag=None, max_examples=None, seed=0,
-                   batch_size=64, cache_dir=None, model=None, ks=None, num_seeds=3, l2_grid=None, selection_fraction=0.2, make_plot=True):
+                   batch_size=64, cache_dir=None, model=None, ks=None, num_seeds=3,
+                   l2_grid=None, selection_fraction=0.2, make_plot=True):
     """Runs one experiment on one model and dataset and writes its JSON, Markdown and PNG.
 
     Args:
