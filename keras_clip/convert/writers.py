@@ -449,6 +449,12 @@ def _write_json(path, data, indent=2):
 def save_checkpoint(model, path, format):  # noqa: A002 - the public argument name
     """See `CLIP.save_checkpoint`."""
     path = os.fspath(path)
+    text_architecture = getattr(model, "text_architecture", "transformer")
+    if format in FORMATS and text_architecture != "transformer":
+        raise ValueError(
+            f"The {format} format holds a transformer text tower only; save a "
+            f"{text_architecture} model with `save_to_preset`. "
+            f"Received: text_architecture={text_architecture!r}")
     if format == "open_clip":
         return write_open_clip(model, path)
     if format == "openai":

@@ -13,7 +13,10 @@ from keras import ops
 from keras_clip import distribute, losses
 from keras_clip.layers.logit_scale import LogitBias, LogitScale
 from keras_clip.models.modified_resnet import CLIPModifiedResNet
+from keras_clip.models.text_bag_of_words import CLIPBagOfWordsEncoder
 from keras_clip.models.text_transformer import CLIPTextTransformer
+
+TEXT_ARCHITECTURES = ("transformer", "bag_of_words")
 from keras_clip.models.vision_transformer import CLIPVisionTransformer
 from keras_clip.preprocessing.image_preprocessor import DEFAULT_MAX_PIXELS, validate_max_pixels
 
@@ -69,6 +72,13 @@ class CLIP(keras.Model):
             probabilities.
         initial_logit_bias: float. Start of the sigmoid loss's bias (-10, as SigLIP);
             unused with the softmax loss (no bias weight is created).
+        text_architecture: `"transformer"` (CLIP's text tower) or `"bag_of_words"`
+            (`CLIPBagOfWordsEncoder`: mean token embedding of width
+            `text_hidden_dim`, then a projection; the paper's Figure 2 baseline;
+            `text_num_layers`, `text_num_heads`, `text_intermediate_dim`,
+            `activation` and `end_token_id` do not apply to it). The
+            bag-of-words model trains and encodes like the transformer one; the
+            open_clip/OpenAI checkpoint writers only know the transformer.
 
     Call arguments:
         inputs: dict with `"images"` (float `(B, S, S, 3)`, preprocessed by
@@ -114,6 +124,7 @@ class CLIP(keras.Model):
         max_image_pixels=DEFAULT_MAX_PIXELS,
         loss="softmax",
         initial_logit_bias=-10.0,
+        text_architecture="transformer",
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -121,6 +132,11 @@ class CLIP(keras.Model):
             raise ValueError(f"`loss` must be 'softmax' or 'sigmoid'. Received: loss={loss!r}")
         if initial_logit_scale is None:
             initial_logit_scale = 10.0 if loss == "sigmoid" else 1 / 0.07
+        if text_architecture not in TEXT_ARCHITECTURES:
+            raise ValueError(
+                f"`text_architecture` must be one of {TEXT_ARCHITECTURES}. "
+                f"Received: text_architecture={text_architecture!r}"
+            )
         if vision_architecture not in ("vit", "resnet"):
             raise ValueError(
                 "`vision_architecture` must be 'vit' or 'resnet'. "
@@ -164,6 +180,7 @@ class CLIP(keras.Model):
         )
         self.contrastive_loss = loss  # `self.loss` belongs to keras.Model.compile
         self.initial_logit_bias = initial_logit_bias
+        self.text_architecture = text_architecture
 
         if vision_architecture == "vit":
             self.visual = CLIPVisionTransformer(
@@ -191,20 +208,26 @@ class CLIP(keras.Model):
                 name="visual",
                 dtype=self.dtype_policy,
             )
-        self.text = CLIPTextTransformer(
-            embed_dim,
-            vocabulary_size=vocabulary_size,
-            context_length=context_length,
-            hidden_dim=text_hidden_dim,
-            num_layers=text_num_layers,
-            num_heads=text_num_heads,
-            intermediate_dim=text_intermediate_dim or 4 * text_hidden_dim,
-            activation=activation,
-            layer_norm_epsilon=layer_norm_epsilon,
-            end_token_id=end_token_id,
-            name="text",
-            dtype=self.dtype_policy,
-        )
+        if text_architecture == "bag_of_words":
+            self.text = CLIPBagOfWordsEncoder(
+                embed_dim, vocabulary_size=vocabulary_size, context_length=context_length,
+                hidden_dim=text_hidden_dim, name="text", dtype=self.dtype_policy,
+            )
+        else:
+            self.text = CLIPTextTransformer(
+                embed_dim,
+                vocabulary_size=vocabulary_size,
+                context_length=context_length,
+                hidden_dim=text_hidden_dim,
+                num_layers=text_num_layers,
+                num_heads=text_num_heads,
+                intermediate_dim=text_intermediate_dim or 4 * text_hidden_dim,
+                activation=activation,
+                layer_norm_epsilon=layer_norm_epsilon,
+                end_token_id=end_token_id,
+                name="text",
+                dtype=self.dtype_policy,
+            )
         self.logit_scale = LogitScale(
             initial_logit_scale, max_logit_scale, name="logit_scale", dtype="float32"
         )
@@ -620,6 +643,7 @@ class CLIP(keras.Model):
                 "max_image_pixels": self.max_image_pixels,
                 "loss": self.contrastive_loss,
                 "initial_logit_bias": self.initial_logit_bias,
+                "text_architecture": self.text_architecture,
             }
         )
         return config
@@ -787,6 +811,8 @@ def _tower_parts(tower):
         return list(tower.resblocks), [tower.ln_post], [tower.proj]
     if isinstance(tower, CLIPModifiedResNet):
         return [block for stage in tower.stages for block in stage], [tower.attnpool], []
+    if isinstance(tower, CLIPBagOfWordsEncoder):
+        return [], [], [tower.text_projection]
     return list(tower.resblocks), [tower.ln_final], [tower.text_projection]
 
 

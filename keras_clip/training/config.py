@@ -10,6 +10,7 @@ PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 STRATEGIES = ("one_device", "mirrored", "multiworker")
 JIT_SETTINGS = ("auto", "true", "false")
 LOSSES = ("softmax", "sigmoid")
+TEXT_ARCHITECTURES = ("transformer", "bag_of_words")  # keras_clip.models.clip's
 OPTIMIZER_RECIPES = ("paper", "open_clip")  # keras_clip.training.optimizer.RECIPES
 WEIGHT_DECAY_RULES = ("auto", "except_embeddings", "all_matrices")
 
@@ -90,6 +91,9 @@ class TrainConfig:
         "one chunk, same update as K=1, ~2 forward passes).")
     patch_dropout: float = _field(0.0, "FLIP: fraction of image patch tokens dropped in "
                                        "training (ViT; 0: off; recorded in the saved preset).")
+    text_architecture: str = _field(
+        "transformer", "transformer (CLIP's text tower) | bag_of_words (mean token embedding, "
+        "then a projection: the paper's Figure 2 baseline; recorded in the saved preset).")
     remat: bool = _field(False, "Recompute each transformer block in the backward pass (less "
                                 "memory, same gradients).")
 
@@ -145,6 +149,7 @@ class TrainConfig:
                 fail(name, "a bool")
         for name, choices in (("precision", PRECISIONS), ("strategy", STRATEGIES),
                               ("loss", LOSSES), ("optimizer_recipe", OPTIMIZER_RECIPES),
+                              ("text_architecture", TEXT_ARCHITECTURES),
                               ("weight_decay_rule", WEIGHT_DECAY_RULES)):
             if getattr(self, name) not in choices:
                 fail(name, "one of " + ", ".join(choices))

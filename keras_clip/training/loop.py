@@ -277,6 +277,8 @@ def build_model_and_optimizer(config, total_steps):
     overrides = {"loss": "sigmoid"} if config.loss == "sigmoid" else {}
     if config.patch_dropout:
         overrides["vision_patch_dropout"] = config.patch_dropout
+    if config.text_architecture != "transformer":
+        overrides["text_architecture"] = config.text_architecture
     model = CLIP.from_preset(config.preset, dtype=config.precision, **overrides)
     if config.lock_image or config.lock_text:  # before the optimizer sees the variables
         model.lock_towers(config.lock_image, config.lock_text,
