@@ -175,6 +175,20 @@ def build_class_embeddings(model, class_names, templates=DEFAULT_TEMPLATES, batc
     return (features / np.linalg.norm(features, axis=-1, keepdims=True)).astype(np.float32)
 
 
+def checked_class_embeddings(class_embeddings, class_names, clip_model):
+    """`class_embeddings` as a float32 array, or a ValueError unless its shape is
+    `(len(class_names), clip_model.embed_dim)` (shared by `ZeroShotClassifier` and the
+    exported `classify` signature)."""
+    class_embeddings = np.asarray(class_embeddings, np.float32)
+    expected = (len(class_names), clip_model.embed_dim)
+    if class_embeddings.shape != expected:
+        raise ValueError(
+            f"`class_embeddings` must have shape {expected} (classes, embed_dim). "
+            f"Received: shape={class_embeddings.shape}"
+        )
+    return class_embeddings
+
+
 @keras.saving.register_keras_serializable(package="keras_clip")
 class ZeroShotClassifier(keras.Model):
     """A CLIP image tower with a fixed head of class text embeddings.
@@ -229,15 +243,9 @@ class ZeroShotClassifier(keras.Model):
             class_embeddings = build_class_embeddings(
                 clip_model, self.class_names, self.templates, batch_size=batch_size
             )
-        class_embeddings = np.asarray(class_embeddings, np.float32)
-        expected = (len(self.class_names), clip_model.embed_dim)
-        if class_embeddings.shape != expected:
-            raise ValueError(
-                f"`class_embeddings` must have shape {expected} (classes, embed_dim). "
-                f"Received: shape={class_embeddings.shape}"
-            )
+        class_embeddings = checked_class_embeddings(class_embeddings, self.class_names, clip_model)
         self.class_embeddings = self.add_weight(
-            shape=expected,
+            shape=class_embeddings.shape,
             initializer=keras.initializers.Constant(class_embeddings),
             trainable=False,
             dtype="float32",

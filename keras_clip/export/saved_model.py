@@ -46,7 +46,8 @@ import tensorflow as tf
 from absl import logging
 
 from keras_clip.preprocessing.text_cleaning import blank_mask
-from keras_clip.zero_shot import build_class_embeddings, class_logits, resolve_templates
+from keras_clip.zero_shot import (build_class_embeddings, checked_class_embeddings, class_logits,
+                                  resolve_templates)
 from keras_clip.serving.protocol import (CLASSIFY, DEFAULT_CLIENT_BATCH_SIZE,
                               ENCODE_IMAGE, ENCODE_TEXT, IMAGE_BYTES, IMAGE_EMBEDDINGS,
                               LOGITS_PER_IMAGE, SCORES, SERVING_DEFAULT, SIMILARITY,
@@ -107,13 +108,7 @@ class CLIPServingModule(tf.Module):
         self.max_text_bytes = int(max_text_bytes)
         self.class_names = list(class_names) if class_names else None
         if self.class_names:
-            class_embeddings = np.asarray(class_embeddings, np.float32)
-            expected = (len(self.class_names), model.embed_dim)
-            if class_embeddings.shape != expected:
-                raise ValueError(
-                    f"`class_embeddings` must have shape {expected}. "
-                    f"Received: shape={class_embeddings.shape}"
-                )
+            class_embeddings = checked_class_embeddings(class_embeddings, self.class_names, model)
             self.class_embeddings = tf.Variable(
                 class_embeddings, trainable=False, name="class_embeddings"
             )
