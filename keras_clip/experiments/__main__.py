@@ -12,23 +12,33 @@ Outputs (`--output_dir`, default docs/experiments): `<NAME>_<tag>.json`, `.md`, 
 """
 from absl import app, flags, logging
 
-flags.DEFINE_string("preset", "runs/demo/preset", "Anything `CLIP.from_preset` accepts.")
+# Its own flag set: `keras_clip.evaluate` defines flags of the same names (`preset`,
+# `dataset`, ...) in absl's global set, and both may be imported in one process.
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("preset", "runs/demo/preset", "Anything `CLIP.from_preset` accepts.",
+                    flag_values=FLAGS)
 flags.DEFINE_string("dataset", "demo", "`demo` (held-out demo classes) or a labels CSV, IDX "
-                    "folder, class-folder tree or tfds:NAME.")
+                    "folder, class-folder tree or tfds:NAME.", flag_values=FLAGS)
 flags.DEFINE_string("templates", None, "The dataset's own templates: shipped name (cifar10), "
-                    "file, or default (demo: its templates; else 'a photo of a {}.').")
-flags.DEFINE_string("output_dir", "docs/experiments", "Where JSON, Markdown and PNG go.")
-flags.DEFINE_string("tag", None, "File-name tag (default: the dataset's name).")
+                    "file, or default (demo: its templates; else 'a photo of a {}.').",
+                    flag_values=FLAGS)
+flags.DEFINE_string("output_dir", "docs/experiments", "Where JSON, Markdown and PNG go.",
+                    flag_values=FLAGS)
+flags.DEFINE_string("tag", None, "File-name tag (default: the dataset's name).", flag_values=FLAGS)
 flags.DEFINE_string("cache_dir", None,
-                    "Image-embedding cache (default <output_dir>/embedding_cache).")
-flags.DEFINE_integer("max_examples", None, "Seeded subset size (demo: number of images, 600).")
-flags.DEFINE_integer("batch_size", 64, "Images per forward pass.")
-flags.DEFINE_integer("seed", 0, "Subset and split seed.")
-flags.DEFINE_float("selection_fraction", 0.2, "prompts: part of the data that selects templates.")
-flags.DEFINE_list("ks", ["1", "2", "4", "8", "16"], "few_shot: labelled examples per class.")
-flags.DEFINE_integer("num_seeds", 3, "few_shot: k-shot draws per k.")
-flags.DEFINE_list("l2_grid", None, "few_shot: probe L2 strengths (default 1e-6..1e6, 13 points).")
-FLAGS = flags.FLAGS
+                    "Image-embedding cache (default <output_dir>/embedding_cache).",
+                    flag_values=FLAGS)
+flags.DEFINE_integer("max_examples", None, "Seeded subset size (demo: number of images, 600).",
+                    flag_values=FLAGS)
+flags.DEFINE_integer("batch_size", 64, "Images per forward pass.", flag_values=FLAGS)
+flags.DEFINE_integer("seed", 0, "Subset and split seed.", flag_values=FLAGS)
+flags.DEFINE_float("selection_fraction", 0.2, "prompts: part of the data that selects templates.",
+                    flag_values=FLAGS)
+flags.DEFINE_list("ks", ["1", "2", "4", "8", "16"], "few_shot: labelled examples per class.",
+                    flag_values=FLAGS)
+flags.DEFINE_integer("num_seeds", 3, "few_shot: k-shot draws per k.", flag_values=FLAGS)
+flags.DEFINE_list("l2_grid", None, "few_shot: probe L2 strengths (default 1e-6..1e6, 13 points).",
+                    flag_values=FLAGS)
 
 
 def main(argv):
@@ -49,5 +59,10 @@ def main(argv):
         logging.info("\n%s", f.read())
 
 
+def _parse_flags(argv):
+    # This module's flags first; absl's own (logging) and unknown ones go to the global set.
+    return flags.FLAGS(FLAGS(argv, known_only=True))
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)
