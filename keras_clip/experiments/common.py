@@ -73,6 +73,19 @@ def write_text(text, path):
     return path
 
 
+def write_outputs(results, output_dir, stem, markdown, plot=None):
+    """Writes `<output_dir>/<stem>.md` (`markdown(results)`), `.png` (`plot(results,
+    path)`, when given) and `.json` (`results`, with `results["files"]` naming all
+    three); returns `results`."""
+    path = os.path.join(output_dir, stem)
+    results["files"] = {"json": path + ".json", "markdown": path + ".md"}
+    write_text(markdown(results), path + ".md")
+    if plot is not None:
+        results["files"]["png"] = plot(results, path + ".png")
+    write_json(results, path + ".json")
+    return results
+
+
 def pyplot():
     """matplotlib.pyplot on the Agg backend (the `eval` extra)."""
     from keras_clip.optional import import_optional

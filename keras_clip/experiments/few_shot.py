@@ -16,7 +16,6 @@ linearly in log2(k) between the two k that bracket zero-shot accuracy (the
 paper does not give its interpolation); one dataset at a time.
 """
 import math
-import os
 
 import numpy as np
 from absl import logging
@@ -228,10 +227,5 @@ def plot(results, path):
 def run(model, dataset, templates, output_dir, tag=None, make_plot=True, **kwargs):
     """`compare_zero_shot_and_few_shot`, then `few_shot_<tag>.json`, `.md`, `.png`."""
     results = compare_zero_shot_and_few_shot(model, dataset, templates, **kwargs)
-    stem = os.path.join(output_dir, f"few_shot_{tag or dataset.name}")
-    results["files"] = {"json": stem + ".json", "markdown": stem + ".md"}
-    common.write_text(markdown(results), stem + ".md")
-    if make_plot:
-        results["files"]["png"] = plot(results, stem + ".png")
-    common.write_json(results, stem + ".json")
-    return results
+    return common.write_outputs(results, output_dir, f"few_shot_{tag or dataset.name}", markdown,
+                                plot if make_plot else None)

@@ -177,14 +177,7 @@ def plot(results, path):
 def run(model, dataset, dataset_templates, output_dir, tag=None, selection_fraction=0.2,
         seed=0, batch_size=64, cache_dir=None, make_plot=True):
     """`compare_prompt_variants`, then `prompts_<tag>.json`, `.md` and `.png` in `output_dir`."""
-    import os
-
     results = compare_prompt_variants(model, dataset, dataset_templates, selection_fraction,
                                       seed, batch_size, cache_dir)
-    stem = os.path.join(output_dir, f"prompts_{tag or dataset.name}")
-    results["files"] = {"json": stem + ".json", "markdown": stem + ".md"}
-    common.write_text(markdown(results), stem + ".md")
-    if make_plot:
-        results["files"]["png"] = plot(results, stem + ".png")
-    common.write_json(results, stem + ".json")
-    return results
+    return common.write_outputs(results, output_dir, f"prompts_{tag or dataset.name}", markdown,
+                                plot if make_plot else None)
