@@ -16,25 +16,35 @@ Outputs (`--output_dir`): `<task>.json`, `<task>.md` and PNG plots; see
 """
 from absl import app, flags, logging
 
-flags.DEFINE_string("preset", "runs/demo/preset", "Anything `CLIP.from_preset` accepts.")
-flags.DEFINE_enum("task", "zero_shot", ["zero_shot", "retrieval", "linear_probe"], "Task.")
+# Its own flag set, so that importing it beside another module with absl flags of
+# the same names (`preset`, `dataset`, ...) cannot collide in absl's global set.
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("preset", "runs/demo/preset", "Anything `CLIP.from_preset` accepts.",
+                    flag_values=FLAGS)
+flags.DEFINE_enum("task", "zero_shot", ["zero_shot", "retrieval", "linear_probe"], "Task.",
+                  flag_values=FLAGS)
 flags.DEFINE_string("dataset", None, "tfds:NAME[/SPLIT], labels CSV, IDX folder, class-folder "
-                    "tree; for retrieval a captions CSV/TSV.")
-flags.DEFINE_string("data_dir", None, "TFDS data folder; for retrieval, the image folder.")
+                    "tree; for retrieval a captions CSV/TSV.", flag_values=FLAGS)
+flags.DEFINE_string("data_dir", None, "TFDS data folder; for retrieval, the image folder.",
+                    flag_values=FLAGS)
 flags.DEFINE_string("templates", None, "Template file (one per line) or shipped dataset name "
-                    "(e.g. cifar10, imagenet). Default: 'a photo of a {}.'.")
-flags.DEFINE_bool("select_templates", False, "Greedy template selection on a held-out split.")
-flags.DEFINE_string("output_dir", "runs/eval", "Where JSON, Markdown and PNGs are written.")
-flags.DEFINE_string("cache_dir", None, "Embedding cache (default <output_dir>/embedding_cache).")
-flags.DEFINE_integer("max_examples", None, "Evaluate on a seeded random subset of this size.")
-flags.DEFINE_integer("batch_size", 64, "Images per forward pass.")
-flags.DEFINE_integer("seed", 0, "Subset and split seed.")
+                    "(e.g. cifar10, imagenet). Default: 'a photo of a {}.'.", flag_values=FLAGS)
+flags.DEFINE_bool("select_templates", False, "Greedy template selection on a held-out split.",
+                  flag_values=FLAGS)
+flags.DEFINE_string("output_dir", "runs/eval", "Where JSON, Markdown and PNGs are written.",
+                    flag_values=FLAGS)
+flags.DEFINE_string("cache_dir", None, "Embedding cache (default <output_dir>/embedding_cache).",
+                    flag_values=FLAGS)
+flags.DEFINE_integer("max_examples", None, "Evaluate on a seeded random subset of this size.",
+                     flag_values=FLAGS)
+flags.DEFINE_integer("batch_size", 64, "Images per forward pass.", flag_values=FLAGS)
+flags.DEFINE_integer("seed", 0, "Subset and split seed.", flag_values=FLAGS)
 flags.DEFINE_list("shifted_datasets", [], "Zero-shot: datasets with the same classes, for "
-                  "accuracy under distribution shift and effective robustness.")
+                  "accuracy under distribution shift and effective robustness.", flag_values=FLAGS)
 flags.DEFINE_list("baseline_fit", None, "SLOPE,INTERCEPT of a logit-space baseline fit "
-                  "(Taori et al.); without it the plain accuracy gap is reported.")
-flags.mark_flag_as_required("dataset")
-FLAGS = flags.FLAGS
+                  "(Taori et al.); without it the plain accuracy gap is reported.",
+                  flag_values=FLAGS)
+flags.mark_flag_as_required("dataset", flag_values=FLAGS)
 
 
 def main(argv):
@@ -62,5 +72,10 @@ def main(argv):
         logging.info("\n%s", f.read())
 
 
+def _parse_flags(argv):
+    # This module's flags first; absl's own (logging) and unknown ones go to the global set.
+    return flags.FLAGS(FLAGS(argv, known_only=True))
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

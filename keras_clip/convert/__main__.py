@@ -11,13 +11,18 @@ from absl import app, flags, logging
 
 from keras_clip.convert import writers
 
-FLAGS = flags.FLAGS
-flags.DEFINE_string("preset", None, "Preset name, folder or checkpoint file to read.")
-flags.DEFINE_enum("format", None, list(writers.FORMATS), "Format to write.")
-flags.DEFINE_string("output", None, "File (openai) or folder (open_clip, hf, keras_hub) to write.")
+# Its own flag set, so that importing it beside another module with absl flags of the
+# same names (`preset`, ...) cannot collide in absl's global set.
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("preset", None, "Preset name, folder or checkpoint file to read.",
+                    flag_values=FLAGS)
+flags.DEFINE_enum("format", None, list(writers.FORMATS), "Format to write.", flag_values=FLAGS)
+flags.DEFINE_string("output", None, "File (openai) or folder (open_clip, hf, keras_hub) to write.",
+                    flag_values=FLAGS)
 flags.DEFINE_enum("activation", None, ["quick_gelu", "gelu"],
-                  "Override the activation when --preset is a file that does not record it.")
-flags.mark_flags_as_required(["preset", "format", "output"])
+                  "Override the activation when --preset is a file that does not record it.",
+                  flag_values=FLAGS)
+flags.mark_flags_as_required(["preset", "format", "output"], flag_values=FLAGS)
 
 
 def main(argv):
@@ -27,5 +32,10 @@ def main(argv):
         logging.info("wrote %s", path)
 
 
+def _parse_flags(argv):
+    # This module's flags first; absl's own (logging) and unknown ones go to the global set.
+    return flags.FLAGS(FLAGS(argv, known_only=True))
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)
