@@ -14,7 +14,7 @@ Examples:
 Outputs (`--output_dir`): `<task>.json`, `<task>.md` and PNG plots; see
 `keras_clip.evaluation.report`.
 """
-from absl import app, flags, logging
+from absl import flags, logging
 
 # Its own flag set, so that importing it beside another module with absl flags of
 # the same names (`preset`, `dataset`, ...) cannot collide in absl's global set.
@@ -72,10 +72,7 @@ def main(argv):
         logging.info("\n%s", f.read())
 
 
-def _parse_flags(argv):
-    # This module's flags first; absl's own (logging) and unknown ones go to the global set.
-    return flags.FLAGS(FLAGS(argv, known_only=True))
-
-
 if __name__ == "__main__":
-    app.run(main, flags_parser=_parse_flags)
+    from keras_clip import cli
+
+    cli.run(main, FLAGS)

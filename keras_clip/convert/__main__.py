@@ -7,7 +7,7 @@
 `--preset` takes anything `CLIP.from_preset` accepts (a built-in name, a keras_clip
 preset folder, an OpenAI/open_clip file, a Hugging Face or keras-hub folder, hf://).
 """
-from absl import app, flags, logging
+from absl import flags, logging
 
 from keras_clip.convert import writers
 
@@ -32,10 +32,7 @@ def main(argv):
         logging.info("wrote %s", path)
 
 
-def _parse_flags(argv):
-    # This module's flags first; absl's own (logging) and unknown ones go to the global set.
-    return flags.FLAGS(FLAGS(argv, known_only=True))
-
-
 if __name__ == "__main__":
-    app.run(main, flags_parser=_parse_flags)
+    from keras_clip import cli
+
+    cli.run(main, FLAGS)

@@ -59,10 +59,7 @@ def main(argv):
         logging.info("\n%s", f.read())
 
 
-def _parse_flags(argv):
-    # This module's flags first; absl's own (logging) and unknown ones go to the global set.
-    return flags.FLAGS(FLAGS(argv, known_only=True))
-
-
 if __name__ == "__main__":
-    app.run(main, flags_parser=_parse_flags)
+    from keras_clip import cli
+
+    cli.run(main, FLAGS)
