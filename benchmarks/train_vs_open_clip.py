@@ -149,6 +149,11 @@ def parse_args(argv=None):
                         help="first steps left out of pairs/second (at most a quarter of the steps)")
     parser.add_argument("--data_dir", default=str(DEFAULT_DATA_DIR),
                         help="folder holding flickr8k/ and cifar10_test/")
+    parser.add_argument("--reuse", action=argparse.BooleanOptionalAction, default=False,
+                        help="reuse a run's <out_dir>/<framework>/<precision>/<settings>/seed_N/"
+                             "result.json written by an earlier invocation with the same run "
+                             "arguments (RUN_KEYS) instead of training it again, so the runs of a "
+                             "full comparison can be spread over several sittings")
     parser.add_argument("--out_dir", default=os.path.join(tempfile.gettempdir(), "train_vs_open_clip"))
     args = parser.parse_args(argv)
     model = MODELS[args.model]
@@ -217,6 +222,37 @@ def read_flickr(flickr_dir):
     for row in rows:
         groups.setdefault(row["split"], {}).setdefault(row["image"], []).append(row["caption"])
     return {split: list(images.items()) for split, images in groups.items()}
+
+
+# The arguments a saved run's result depends on; `--reuse` takes a run only if all match.
+RUN_KEYS = ("model", "steps", "batch_size", "image_size", "learning_rate", "warmup_steps",
+            "weight_decay", "matched_recipe", "cifar_images", "cifar_templates", "data_dir")
+
+
+def _run_key(args):
+    return {key: getattr(args, key) for key in RUN_KEYS}
+
+
+def write_result(args, run_dir, result):
+    """`run_dir/result.json`: one run's figures with the arguments that produced them."""
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "result.json"), "w") as f:
+        json.dump({"run_key": _run_key(args), "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+                   "result": result}, f, indent=1)
+
+
+def reusable_result(args, run_dir):
+    """The saved result of this run under `--reuse` when its arguments match, else None."""
+    path = os.path.join(run_dir, "result.json")
+    if not args.reuse or not os.path.exists(path):
+        return None
+    with open(path) as f:
+        saved = json.load(f)
+    if saved.get("run_key") != _run_key(args):
+        print(f"Not reusing {path}: it was trained with {saved.get('run_key')}, this run has "
+              f"{_run_key(args)}", flush=True)
+        return None
+    return {**saved["result"], "finished_at": saved["finished_at"]}
 
 
 def write_keras_clip_table(train, path):
@@ -605,6 +641,12 @@ def main(argv=None):
                     run = {"seed": seed, "precision": precision, "settings": settings}
                     name = f"{framework}/{precision}/{settings} seed {seed}"
                     run_dir = os.path.join(args.out_dir, framework, precision, settings, f"seed_{seed}")
+                    saved = reusable_result(args, run_dir)
+                    if saved is not None:
+                        results.append(saved)
+                        print(f"[{name}] reused {run_dir}/result.json (trained {saved['finished_at']})",
+                              flush=True)
+                        continue
                     print(f"[{name}] training ({run_dir}/train.log) ...", flush=True)
                     if framework == "keras_clip":
                         trained = train_keras_clip(args, run, keras_table, image_dir, run_dir)
@@ -636,6 +678,7 @@ def main(argv=None):
                         "losses": trained["losses"], "step_seconds": [float(x) for x in trained["step_seconds"]],
                     }
                     results.append(result)
+                    write_result(args, run_dir, result)
                     print(f"[{name}] {pairs_per_second:.1f} pairs/s, loss {result['final_loss']:.3f}, "
                           f"I2T R@1/5/10 {result['image_to_text_R@1']:.1f}/{result['image_to_text_R@5']:.1f}/"
                           f"{result['image_to_text_R@10']:.1f}, T2I R@1 {result['text_to_image_R@1']:.1f}, "
