@@ -62,6 +62,8 @@ from tests.reference import import_open_clip  # noqa: E402
 # Modes the open_clip workers with more than `min(--torch_threads)` threads run too (the
 # others are slower in every run we made: docs/speed.md).
 FULL_THREAD_MODES = ("open_clip bf16 weights", "open_clip amp_bf16")
+# Modes the keras_clip workers other than the first `--tf_threads` one run (its fast modes).
+KERAS_EXTRA_THREAD_MODES = ("keras_clip mixed_bfloat16", "keras_clip bf16 weights")
 SPECS = {"RN50": ref.FULL_RN50, "ViT-B/32": ref.FULL_VIT_B32}
 # /work/shared/data/flickr8k beside /work/main or /work/wt/<worktree>.
 FLICKR = next((p / "shared" / "data" / "flickr8k" for p in ROOT.parents
@@ -82,6 +84,10 @@ def parse_args(argv=None):
     parser.add_argument("--torch_threads", type=int, nargs="+", default=[2, 1],
                         help="one open_clip worker per count; only the smallest runs every "
                              "mode, the others the modes in FULL_THREAD_MODES")
+    parser.add_argument("--tf_threads", type=int, nargs="+", default=[2, 1],
+                        help="one keras_clip worker per count (TensorFlow's intra-op threads, "
+                             "inter-op 1); the first runs every mode, the others the modes in "
+                             "KERAS_EXTRA_THREAD_MODES: the same choice open_clip gets")
     parser.add_argument("--only", nargs="+", default=None,
                         help="run only these modes (labels as printed, without the thread "
                              "count), e.g. 'open_clip bf16 weights' 'keras_clip bf16 weights'")
@@ -178,13 +184,30 @@ def inference_worker(conn, worker, args, checkpoint):
         modes = {f"{label} ({_threads(threads)})": fns for label, fns in modes.items()
                  if threads == min(args.torch_threads) or label in FULL_THREAD_MODES}
     else:
-        import tensorflow as tf
-
+        tf = _tensorflow_with_threads(threads)
         import keras_clip
 
-        modes, _ = keras_modes(tf, keras_clip, checkpoint, images, tokens.numpy(), args.xla)
+        modes, _ = keras_modes(tf, keras_clip, checkpoint, images, tokens.numpy(),
+                               args.xla and threads == args.tf_threads[0])
+        modes = _keras_thread_modes(modes, threads, args)
     _serve(conn, {(label, task): fns[i] for label, fns in modes.items()
                   for i, task in enumerate(("image", "text"))}, only=args.only)
+
+
+def _tensorflow_with_threads(threads):
+    """TensorFlow with `threads` intra-op threads (set before it runs any op)."""
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    return tf
+
+
+def _keras_thread_modes(modes, threads, args):
+    """keras_clip's modes of one worker, labelled with its thread count."""
+    first = threads == args.tf_threads[0]
+    return {f"{label} ({_threads(threads)})": fns for label, fns in modes.items()
+            if first or label in KERAS_EXTRA_THREAD_MODES}
 
 
 def _threads(n):
@@ -242,7 +265,7 @@ def start_workers(target, args, *worker_args):
 
     context = multiprocessing.get_context("spawn")
     conns, procs = [], []
-    for worker in [("torch", n) for n in args.torch_threads] + [("tf", None)]:
+    for worker in [("torch", n) for n in args.torch_threads] + [("tf", n) for n in args.tf_threads]:
         parent, child = context.Pipe()
         proc = context.Process(target=target, args=(child, worker, args) + worker_args)
         proc.start()
@@ -290,8 +313,8 @@ def train_step_fns(args, kind, threads=None):
         torch.set_num_threads(threads)
         return _open_clip_steps(args, torch, open_clip, images, tokens, width, layers, heads)
     import keras
-    import tensorflow as tf
 
+    tf = _tensorflow_with_threads(threads)
     import keras_clip
 
     # keras_clip: CLIP.train_step (the step `fit` and the training loop run).
@@ -356,6 +379,8 @@ def training_worker(conn, worker, args):
     if kind == "torch":
         fns = {f"{label} ({_threads(threads)})": fn for label, fn in fns.items()
                if threads == min(args.torch_threads) or label in FULL_THREAD_MODES}
+    else:
+        fns = _keras_thread_modes(fns, threads, args)
     _serve(conn, fns, warmup=max(1, args.train_warmup), only=args.only)
 
 
