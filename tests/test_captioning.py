@@ -245,8 +245,8 @@ def _class_images(rng, per_class):
 @pytest.mark.parametrize("head", ["bag_of_words", "transformer"])
 def test_trained_model_zero_shot_recovers_the_caption_classes(head):
     # Each class is always captioned with its word in one of two templates, "a photo of
-    # <word_c>" (ids 1 2 3 30+c) or "<word_c> 4" (alternating over images); after a few
-    # dozen steps the model predicts the class word, and zero-shot by likelihood over the
+    # <word_c>" (ids 1 2 3 30+c) or "<word_c> 4" (alternating over images); once trained
+    # the model predicts the class word, and zero-shot by likelihood over the
     # two templates' class prompts is right on every image, including unseen ones.
     # (Prompts unlike any training caption would score by noise: the LM was never
     # trained on them.)
@@ -259,7 +259,11 @@ def test_trained_model_zero_shot_recovers_the_caption_classes(head):
     model = _model(head, seed=6)
     model.compile(optimizer=keras.optimizers.Adam(3e-3))
     batch = {"images": images, "token_ids": captions}
-    history = model.fit(tf.data.Dataset.from_tensors(batch).repeat(40), epochs=1, verbose=0)
+    # The language model first learns the captions' fixed words (a plateau near 0.46, the
+    # class word still at chance) and only then the image: 150 steps pass on 6 of 6
+    # seeds tried (40 steps on 3 of 5); bag-of-words needs 40 (5 of 5, margins > 1).
+    steps = 150 if head == "transformer" else 40
+    history = model.fit(tf.data.Dataset.from_tensors(batch).repeat(steps), epochs=1, verbose=0)
     assert 0.0 < history.history["loss"][0]
     if head == "transformer":  # greedy next token at the class-word position
         logits = np.asarray(model({"images": images, "token_ids": captions}))
