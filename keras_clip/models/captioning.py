@@ -623,7 +623,7 @@ class CaptionPredictionModel(keras.Model):
                 log_p = picked - ops.logsumexp(logits, axis=-1)  # (R, L-1)
                 mask = ops.cast(ops.not_equal(targets, PAD), "float32")
                 return ops.sum(log_p * mask, axis=1) / ops.sum(mask, axis=1)
-            self._lm_scores_fn = tf.function(scores)
+            self._lm_scores_fn = tf.function(scores, reduce_retracing=True)
         num_images, num_prompts = int(features.shape[0]), prompts.shape[0]
         total = num_images * num_prompts
         rows = max(1, min(total, _SCORING_ELEMENTS // (prompts.shape[1] * self.vocabulary_size)))
