@@ -230,6 +230,59 @@ def test_bag_of_words_zero_shot_with_hand_set_head():
     np.testing.assert_array_equal(scores.argmax(axis=1), [0, 1, 2])
 
 
+def test_caption_lm_zero_shot_with_hand_set_decoder():
+    # A one-block decoder whose weights make the answer and the scores known by hand.
+    # Width 32; class word c (id 20 + c) is embedded as a * H_c, H_c a zero-mean +-1
+    # Hadamard row (orthogonal rows); every other token embeds to 0; positional
+    # embedding 0. The image projection maps image n's features to a * H_n. Attention:
+    # q = k = 0 (uniform over the visible positions), v = identity, output M * identity;
+    # the MLP's output projection is 0. After a LayerNorm a * H_c becomes H_c and 0
+    # stays 0, and the tied output gives logit_v = ln_final(h) . embedding_v, so:
+    # - position 0 (start token; sees the image and the start token): h = M/2 H_n,
+    #   logits 32 a = 8 on word n, 0 elsewhere;
+    # - position 1 (word c; sees image, start, word): h = a H_c + M (H_n + H_c) / 3:
+    #   for c = n again 8 on word n; for c != n, with r = 1 + 3 a / M, logits
+    #   8 r / sqrt(r^2 + 1) on word c and 8 / sqrt(r^2 + 1) on word n.
+    # The prompt "[start] word_c [end]" scores the mean of log p(word_c) at position 0
+    # and log p(end) (logit 0) at position 1.
+    a, m = 0.25, 100.0
+    model = _model("transformer", decoder_num_layers=1)
+    decoder, block = model.caption_head, model.caption_head.resblocks[0]
+    images = np.random.default_rng(11).normal(size=(3, 32, 32, 3)).astype(np.float32)
+    hadamard = np.array([[1.0]])
+    while len(hadamard) < 32:
+        hadamard = np.block([[hadamard, hadamard], [hadamard, -hadamard]])
+    rows = hadamard[1:4]  # (3, 32), zero-mean, orthogonal
+    features = np.asarray(model.visual(images), np.float64)  # (3, 16)
+    decoder.image_projection.set_weights([(np.linalg.pinv(features) @ (a * rows)).astype(np.float32),
+                                          np.zeros(32, np.float32)])
+    embeddings = np.zeros((V, 32), np.float32)
+    embeddings[20:23] = a * rows
+    decoder.token_embedding.embeddings.assign(embeddings)
+    decoder.positional_embedding.assign(np.zeros((9, 32), np.float32))
+    qkv = np.zeros((32, 96), np.float32)
+    qkv[:, 64:] = np.eye(32)
+    block.attn.qkv.set_weights([qkv, np.zeros(96, np.float32)])
+    block.attn.out_proj.set_weights([m * np.eye(32, dtype=np.float32), np.zeros(32, np.float32)])
+    block.c_proj.set_weights([np.zeros((128, 32), np.float32), np.zeros(32, np.float32)])
+
+    prompts = np.zeros((3, 1, 4), np.int32)
+    prompts[:, 0, :3] = [[START, 20 + c, END] for c in range(3)]
+    logits = np.asarray(model({"images": images, "token_ids": prompts[np.arange(3), 0]}))
+    expected_first = np.zeros((3, V))
+    expected_first[np.arange(3), 20 + np.arange(3)] = 8.0
+    np.testing.assert_allclose(logits[:, 0], expected_first, atol=1e-3)
+
+    log_z = math.log(V - 1 + math.exp(8.0))
+    r = 1 + 3 * a / m
+    hit, other = 8 * r / math.sqrt(r * r + 1), 8 / math.sqrt(r * r + 1)
+    right = (8.0 - log_z - log_z) / 2
+    wrong = (-log_z - math.log(V - 2 + math.exp(hit) + math.exp(other))) / 2
+    scores = zero_shot_by_likelihood(model, images, prompts)
+    np.testing.assert_allclose(scores, np.where(np.eye(3, dtype=bool), right, wrong), atol=2e-3)
+    np.testing.assert_array_equal(scores.argmax(axis=1), [0, 1, 2])
+
+
 def _class_images(rng, per_class):
     """Three classes of 32 px images: red, green or blue squares on noise."""
     images, labels = [], []
