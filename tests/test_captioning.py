@@ -381,7 +381,7 @@ def test_docstring_examples_run():
 
 
 @pytest.mark.parametrize("head", ["bag_of_words", "transformer"])
-def test_config_round_trip_gives_identical_outputs(head):
+def test_config_round_trip_gives_identical_outputs(head, tmp_path):
     model = _model(head, seed=9, activation="gelu", layer_norm_epsilon=1e-6,
                    decoder_hidden_dim=16, decoder_num_layers=2, decoder_num_heads=4,
                    start_token_id=60, end_token_id=61, name="captioner")
@@ -395,6 +395,9 @@ def test_config_round_trip_gives_identical_outputs(head):
     np.testing.assert_array_equal(np.asarray(clone(inputs)), np.asarray(model(inputs)))
     serialized = keras.saving.serialize_keras_object(model)
     assert keras.saving.deserialize_keras_object(serialized).get_config() == config
+    model.save(tmp_path / "model.keras")  # the whole model, as a user saves it
+    loaded = keras.saving.load_model(tmp_path / "model.keras")
+    np.testing.assert_array_equal(np.asarray(loaded(inputs)), np.asarray(model(inputs)))
     head_layer = BagOfWordsPredictionHead(vocabulary_size=V, name="h")
     assert BagOfWordsPredictionHead.from_config(head_layer.get_config()).get_config() == \
         head_layer.get_config()
