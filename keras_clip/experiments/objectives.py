@@ -36,9 +36,17 @@ train split of `<data_dir>/flickr8k/captions.tsv` (the trainer's table reader,
 one of each image's 5 captions drawn per pass) and evaluates on CIFAR-10 test
 images (`<data_dir>/cifar10_test`) with the 18 CIFAR-10 templates.
 
-Budget (defaults; measured on this 2-core machine under `nice -n 19` while a
-speed benchmark held the other core, see `docs/experiments/objectives_section.md`):
-see `DEFAULTS` and `BUDGET_NOTE` below.
+Budget. Measured on this 2-core machine (batch 64, median of 10 steps, `nice -n 19`,
+load average about 5 from other jobs), seconds per step, demo / Flickr8k:
+transformer_contrastive 0.120 / 0.325, bag_of_words_contrastive 0.093 / 0.220,
+bag_of_words_prediction 0.160 / 0.330, caption_lm 1.371 / 2.609 (Flickr8k's reader
+decodes 224 px JPEGs; the caption LM pays a 49,408-way softmax at every position).
+A caption-LM evaluation costs about 3 ms per image-prompt pair (26 s for 240 demo images
+x 36 prompts); the others take under a second. Defaults (`DEFAULT_BUDGETS`,
+`DEFAULT_TOWER`): demo 20,480 images per objective (320 steps), evaluated every 2,560 on
+240 images: 320 x 1.74 s + 9 x 27 s + ~90 s set-up = about 15 minutes for all four;
+flickr8k 24,576 images (384 steps), evaluated every 6,144 on 200 CIFAR-10 images:
+384 x 3.5 s + 5 x ~115 s + ~100 s = about 34 minutes.
 
 Deviations from the paper: a ViT of a few layers at 32-64 px instead of a
 ResNet-50 at 224 px, thousands instead of hundreds of millions of images, one
@@ -48,7 +56,6 @@ token lengths compete fairly.
 """
 import dataclasses
 import hashlib
-import math
 import os
 import time
 
@@ -645,7 +652,8 @@ def run(dataset="demo", objectives=OBJECTIVES, output_dir="docs/experiments", ta
     if dataset == "demo":
         train_spec, table_fields = demo_training_spec(cache_dir, demo_examples, schedule.seed)
         evaluation, templates = common.load_dataset(common.DEMO, None, max_examples, seed)
-        training_name = f"demo ({demo_examples} generated training images, held-out classes excluded)"
+        training_name = (f"demo ({demo_examples} generated training images, held-out classes "
+                         "excluded)")
     else:
         train_spec, table_fields = flickr8k_training_spec(data_dir)
         evaluation, templates = common.load_dataset(os.path.join(data_dir, "cifar10_test"),
