@@ -152,7 +152,7 @@ def test_demo_dataset_holds_the_held_out_classes_in_order():
 def test_unknown_experiment_is_rejected():
     from keras_clip.experiments import __main__ as cli
 
-    with pytest.raises(app.UsageError, match=r"one of \('prompts', 'few_shot'\)"):
+    with pytest.raises(app.UsageError, match=r"one of \('prompts', 'few_shot', 'objectives'\)"):
         cli.main(["experiments", "captions"])
     with pytest.raises(ValueError, match="`name` must be one of"):
         runner.run_experiment("captions", model=object())

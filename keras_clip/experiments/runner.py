@@ -5,13 +5,13 @@ from absl import logging
 
 from keras_clip.experiments import common
 
-EXPERIMENTS = ("prompts", "few_shot")
+EXPERIMENTS = ("prompts", "few_shot", "objectives")
 
 
 def run_experiment(name, preset=None, dataset=common.DEMO, templates=None,
                    output_dir="docs/experiments", tag=None, max_examples=None, seed=0,
                    batch_size=64, cache_dir=None, model=None, ks=None, num_seeds=3,
-                   l2_grid=None, selection_fraction=0.2, make_plot=True):
+                   l2_grid=None, selection_fraction=0.2, make_plot=True, objective_options=None):
     """Runs one experiment on one model and dataset and writes its JSON, Markdown and PNG.
 
     Args:
@@ -35,12 +35,24 @@ def run_experiment(name, preset=None, dataset=common.DEMO, templates=None,
             the linear probe's 13-point grid).
         selection_fraction: `prompts` only, the template-selection split.
         make_plot: write the PNG (needs matplotlib).
+        objective_options: `objectives` only: keyword arguments of
+            `keras_clip.experiments.objectives.run` (`objectives`, `tower`,
+            `schedule`, `data_dir`, ...). That experiment trains its own models:
+            `preset`, `model` and `templates` do not apply; `dataset` is `"demo"`
+            or `"flickr8k"` and `max_examples` the number of zero-shot images.
 
     Returns:
         The experiment's results dict (also written as JSON).
     """
     if name not in EXPERIMENTS:
         raise ValueError(f"`name` must be one of {EXPERIMENTS}. Received: name={name!r}")
+    if name == "objectives":
+        from keras_clip.experiments import objectives
+
+        return objectives.run(dataset=dataset, output_dir=output_dir, tag=tag,
+                              cache_dir=cache_dir, max_examples=max_examples, seed=seed,
+                              eval_batch_size=batch_size, make_plot=make_plot,
+                              **(objective_options or {}))
     if model is None:
         from keras_clip import CLIP
 

@@ -1,0 +1,1 @@
+from keras_clip.models.captioning import (BagOfWordsPredictionHead, CaptionDecoder, CaptionPredictionModel, bag_of_words_prediction_loss, bag_of_words_targets, caption_lm_loss, zero_shot_by_likelihood)  # noqa: F401
