@@ -377,10 +377,6 @@ def train_and_evaluate(objective, tower, schedule, train_spec, table_fields, dat
     from keras_clip.training import WarmupCosineDecay, create_optimizer
 
     model = build_model(objective, tower, schedule.seed)
-    if not hasattr(model, "vision_architecture"):
-        # `create_optimizer` picks Adam's epsilon by image tower kind; the predictive
-        # models' tower is the same ViT.
-        model.vision_architecture = "vit"
     if initial_visual_weights is not None:
         model.visual.set_weights(initial_visual_weights)
     initial_digest = weights_digest(model.visual)

@@ -409,6 +409,9 @@ class CaptionPredictionModel(keras.Model):
                         f"(it is embedded and predicted). Received: {arg}={value}, "
                         f"vocabulary_size={vocabulary_size}")
         self.head = head
+        # The image tower's kind, read by `keras_clip.training.create_optimizer` (Adam's
+        # epsilon) as on a `CLIP`; always a ViT here.
+        self.vision_architecture = "vit"
         self.embed_dim = embed_dim
         self.image_size = image_size
         self.vision_num_layers = vision_num_layers
