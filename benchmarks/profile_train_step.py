@@ -137,7 +137,6 @@ def flops_per_step(model, batch, text_length):
 
 def main(argv=None):
     args = parse_args(argv)
-    import keras
     import tensorflow as tf
 
     from keras_clip import CLIP
@@ -250,7 +249,6 @@ def main(argv=None):
     print("\n| op type | ms | share | count |\n|---|---|---|---|")
     for op_type, us in by_type.most_common(18):
         print(f"| {op_type} | {us / 1e3:.1f} | {us / total:.1%} | {count[op_type]} |")
-    del keras
 
 
 if __name__ == "__main__":
