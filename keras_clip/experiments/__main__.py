@@ -35,7 +35,7 @@ flags.DEFINE_string("cache_dir", None,
                     "Image-embedding cache (default <output_dir>/embedding_cache).",
                     flag_values=FLAGS)
 flags.DEFINE_integer("max_examples", None, "Seeded subset size (demo: number of images, 600; "
-                     "objectives: zero-shot images, 240 demo / 500 CIFAR-10).", flag_values=FLAGS)
+                     "objectives: zero-shot images, 240 demo / 200 CIFAR-10).", flag_values=FLAGS)
 flags.DEFINE_integer("batch_size", 64, "Images per forward pass (objectives: also the training "
                      "batch of every objective).", flag_values=FLAGS)
 flags.DEFINE_integer("seed", 0, "Subset and split seed.", flag_values=FLAGS)
