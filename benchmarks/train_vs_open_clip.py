@@ -145,6 +145,12 @@ def parse_args(argv=None):
     parser.add_argument("--cifar_templates", choices=("simple", "openai"), default="simple",
                         help="simple: 4 templates (SIMPLE_TEMPLATES); openai: OpenAI's 18")
     parser.add_argument("--frameworks", nargs="+", choices=FRAMEWORKS, default=list(FRAMEWORKS))
+    parser.add_argument("--keras_data", choices=KERAS_DATA, default="images",
+                        help="what keras_clip trains on. images: its own reader's way, one record "
+                             "per image, one of its captions drawn per pass; open_clip_rows (an "
+                             "ablation of caption sampling and data order): the very rows of "
+                             "open_clip's table for that seed, one record each, fully shuffled, one "
+                             "epoch (runs saved under keras_clip_open_clip_rows/)")
     parser.add_argument("--warmup_skip", type=int, default=5,
                         help="first steps left out of pairs/second (at most a quarter of the steps)")
     parser.add_argument("--data_dir", default=str(DEFAULT_DATA_DIR),
@@ -226,7 +232,10 @@ def read_flickr(flickr_dir):
 
 # The arguments a saved run's result depends on; `--reuse` takes a run only if all match.
 RUN_KEYS = ("model", "steps", "batch_size", "image_size", "learning_rate", "warmup_steps",
-            "weight_decay", "matched_recipe", "cifar_images", "cifar_templates", "data_dir")
+            "weight_decay", "matched_recipe", "cifar_images", "cifar_templates", "data_dir", "keras_data")
+# Keys added after runs were saved, with the value those runs had.
+_RUN_KEY_DEFAULTS = {"keras_data": "images"}
+KERAS_DATA = ("images", "open_clip_rows")
 
 
 def _run_key(args):
@@ -248,7 +257,7 @@ def reusable_result(args, run_dir):
         return None
     with open(path) as f:
         saved = json.load(f)
-    if saved.get("run_key") != _run_key(args):
+    if {**_RUN_KEY_DEFAULTS, **saved.get("run_key", {})} != _run_key(args):
         print(f"Not reusing {path}: it was trained with {saved.get('run_key')}, this run has "
               f"{_run_key(args)}", flush=True)
         return None
@@ -265,6 +274,32 @@ def write_keras_clip_table(train, path):
         f.write("image\tcaption\n")
         for image, captions in train:
             f.writelines(f"{image}\t{caption}\n" for caption in captions)
+
+
+def write_keras_clip_rows_table(open_clip_table, num_images, image_dir, root, path):
+    """open_clip's rows as a keras_clip table with one record per row.
+
+    keras_clip's table reader makes one record of all rows naming the same image, so
+    each pass's rows name their image through their own folder, `root/pNN`, a symbolic
+    link to `image_dir`: the same files, one caption per record, as open_clip reads
+    them. `write_open_clip_table` writes passes of `num_images` rows in order.
+
+    Returns:
+        Number of rows.
+    """
+    with open(open_clip_table, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    os.makedirs(root, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("image\tcaption\n")
+        for index, row in enumerate(rows):
+            folder = f"p{index // num_images:03d}"
+            link = os.path.join(root, folder)
+            if not os.path.islink(link):
+                os.symlink(os.path.abspath(image_dir), link)
+            caption = " ".join(row["title"].split())  # keras_clip reads tabs unquoted
+            f.write(f"{folder}/{os.path.basename(row['filepath'])}\t{caption}\n")
+    return len(rows)
 
 
 def write_open_clip_table(train, image_dir, num_rows, seed, path):
@@ -367,16 +402,16 @@ def initial_model(args):
     return keras_clip.CLIP(**dict(spec["kwargs"], image_size=args.image_size))
 
 
-def train_keras_clip(args, run, table, image_dir, run_dir):
+def train_keras_clip(args, run, table, image_dir, run_dir, shuffle_buffer=10_000):
     """One keras_clip run in a fresh process (as open_clip's), so no torch is loaded in it."""
     start = time.perf_counter()
     with multiprocessing.get_context("spawn").Pool(1) as pool:
-        result = pool.apply(_train_keras_clip, (args, run, table, image_dir, run_dir))
+        result = pool.apply(_train_keras_clip, (args, run, table, image_dir, run_dir, shuffle_buffer))
     result["wall_seconds"] = time.perf_counter() - start  # process start-up included, as for open_clip
     return result
 
 
-def _train_keras_clip(args, run, table, image_dir, run_dir):
+def _train_keras_clip(args, run, table, image_dir, run_dir, shuffle_buffer):
     shutil.rmtree(run_dir, ignore_errors=True)  # run() would resume from old checkpoints
     os.makedirs(run_dir)
     # This process only trains: its output (progress bar, TF's logs) goes to the log.
@@ -397,7 +432,7 @@ def _train_keras_clip(args, run, table, image_dir, run_dir):
         global_batch_size=args.batch_size, steps=args.steps, learning_rate=args.learning_rate,
         warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
         precision=PRECISIONS[run["precision"]][0], seed=run["seed"],
-        model_dir=os.path.join(run_dir, "model"), checkpoint_every=args.steps, shuffle_buffer=10_000,
+        model_dir=os.path.join(run_dir, "model"), checkpoint_every=args.steps, shuffle_buffer=shuffle_buffer,
         beta_1=beta_1, beta_2=beta_2, epsilon=epsilon, weight_decay_rule=rule,
     )
     ends, losses = [], []
@@ -507,7 +542,10 @@ _FIGURES = [key for _, key, _ in _COLUMNS if key in (
 
 
 def _group(result):
-    return (result["framework"], result["precision"], result["settings"])
+    framework = result["framework"]
+    if framework == "keras_clip" and result.get("keras_data", "images") != "images":
+        framework += "+" + result["keras_data"]
+    return (framework, result["precision"], result["settings"])
 
 
 def format_table(results, frameworks):
@@ -541,8 +579,9 @@ def format_table(results, frameworks):
         lines.append(f"{'':<{label_width}} {'sprd':>4} {cells}")
     lines.append("spread: max - min over the seeds of that row's runs.")
     # keras_clip - open_clip per figure (same precision and settings).
-    for precision, settings in dict.fromkeys((g[1], g[2]) for g in map(_group, results)):
-        k, o = summary.get(f"keras_clip/{precision}/{settings}"), summary.get(f"open_clip/{precision}/{settings}")
+    for keras_label, precision, settings in dict.fromkeys(
+            g for g in map(_group, results) if g[0].startswith("keras_clip")):
+        k, o = summary.get(f"{keras_label}/{precision}/{settings}"), summary.get(f"open_clip/{precision}/{settings}")
         if not (k and o):
             continue
         parts = []
@@ -552,7 +591,7 @@ def format_table(results, frameworks):
             verdict = "ok" if better or abs(delta) < k["spread"][key] else "SHORT"
             parts.append(f"{key} {delta:+.2f} (spread {k['spread'][key]:.2f}, {verdict})")
         ratio = k["mean"]["pairs_per_second"] / o["mean"]["pairs_per_second"]
-        lines.append(f"keras_clip - open_clip, {precision}/{settings}: " + "; ".join(parts)
+        lines.append(f"{keras_label} - open_clip, {precision}/{settings}: " + "; ".join(parts)
                      + f"; training pairs/s {ratio:.2f}x")
     return "\n".join(lines), summary
 
@@ -610,9 +649,13 @@ def main(argv=None):
             b1, b2, eps, rule = optimizer_settings(framework, settings, args.matched_recipe)
             print(f"Settings {settings}, {framework}: betas {b1}/{b2}, epsilon {eps}, weight decay "
                   f"on {'every matrix (embeddings included)' if rule == 'all_matrices' else 'matrices but not the embeddings'}")
-    print(f"Data seen: keras_clip: the {len(train):,} Flickr8k train images, one of their 5 "
-          f"captions drawn per image per epoch, epochs of {steps_per_epoch} steps (reshuffled, last "
-          f"partial batch dropped). open_clip: a CSV of {pairs:,} rows written per seed "
+    if args.keras_data == "images":
+        keras_seen = (f"the {len(train):,} Flickr8k train images, one of their 5 captions drawn per "
+                      f"image per epoch, epochs of {steps_per_epoch} steps (reshuffled, last partial "
+                      "batch dropped)")
+    else:
+        keras_seen = "open_clip's rows below for the same seed, one record each, fully shuffled, one epoch"
+    print(f"Data seen: keras_clip: {keras_seen}. open_clip: a CSV of {pairs:,} rows written per seed "
           f"({math.ceil(pairs / len(train))} pass(es) over the {len(train):,} images, a different "
           f"caption each pass), one open_clip epoch of {args.steps} steps, DataLoader shuffle.")
     print("Aligned: the initialisation scheme (the reference's). Not aligned (each trainer's own "
@@ -640,7 +683,10 @@ def main(argv=None):
                 for framework in args.frameworks:
                     run = {"seed": seed, "precision": precision, "settings": settings}
                     name = f"{framework}/{precision}/{settings} seed {seed}"
-                    run_dir = os.path.join(args.out_dir, framework, precision, settings, f"seed_{seed}")
+                    folder = framework
+                    if framework == "keras_clip" and args.keras_data != "images":
+                        folder = f"keras_clip_{args.keras_data}"
+                    run_dir = os.path.join(args.out_dir, folder, precision, settings, f"seed_{seed}")
                     saved = reusable_result(args, run_dir)
                     if saved is not None:
                         results.append(saved)
@@ -648,10 +694,17 @@ def main(argv=None):
                               flush=True)
                         continue
                     print(f"[{name}] training ({run_dir}/train.log) ...", flush=True)
-                    if framework == "keras_clip":
+                    table = os.path.join(args.out_dir, f"train_open_clip_seed_{seed}.csv")
+                    if framework == "keras_clip" and args.keras_data == "open_clip_rows":
+                        write_open_clip_table(train, image_dir, pairs, seed, table)
+                        rows_table = os.path.join(args.out_dir, f"train_keras_clip_rows_seed_{seed}.tsv")
+                        rows = write_keras_clip_rows_table(
+                            table, len(train), image_dir, os.path.join(args.out_dir, "rows_images"), rows_table)
+                        trained = train_keras_clip(args, run, rows_table, os.path.join(args.out_dir, "rows_images"),
+                                                   run_dir, shuffle_buffer=rows)
+                    elif framework == "keras_clip":
                         trained = train_keras_clip(args, run, keras_table, image_dir, run_dir)
                     else:
-                        table = os.path.join(args.out_dir, f"train_open_clip_seed_{seed}.csv")
                         write_open_clip_table(train, image_dir, pairs, seed, table)
                         trained = train_open_clip(args, run, table, config_dir, model_name, run_dir)
                         open_clip_counts = open_clip_param_counts(trained["model_path"])
@@ -668,7 +721,7 @@ def main(argv=None):
                     del model
                     pairs_per_second, median = throughput(trained["step_seconds"], args.batch_size, skip)
                     result = {
-                        "framework": framework, **run,
+                        "framework": framework, **run, "keras_data": args.keras_data,
                         "pairs_per_second": pairs_per_second, "median_pairs_per_second": median,
                         "train_seconds": float(sum(trained["step_seconds"])),
                         "wall_seconds": trained["wall_seconds"],

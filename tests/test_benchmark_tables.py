@@ -1,0 +1,77 @@
+"""The tables `benchmarks/train_vs_open_clip.py` trains both libraries on.
+
+`--keras_data open_clip_rows` (issue 14's caption-sampling ablation) claims keras_clip
+then reads exactly open_clip's rows: one record per row, the same image file and the
+same caption, in the same number. Checked here through keras_clip's own table reader
+on a synthetic set (no Flickr8k needed).
+"""
+import csv
+import importlib.util
+import os
+import pathlib
+
+import numpy as np
+
+from keras_clip.data import pipeline
+
+_PATH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "train_vs_open_clip.py"
+
+
+def _benchmark():
+    spec = importlib.util.spec_from_file_location("train_vs_open_clip", _PATH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _train_set(image_dir, num_images=7, captions_per_image=5):
+    os.makedirs(image_dir)
+    train = []
+    for i in range(num_images):
+        name = f"img{i}.jpg"
+        with open(os.path.join(image_dir, name), "wb") as f:
+            f.write(b"\xff\xd8\xff" + bytes([i]))  # only names and existence matter here
+        train.append((name, [f"caption {j} of image {i} ." for j in range(captions_per_image)]))
+    return train
+
+
+def test_open_clip_table_gives_each_image_a_different_caption_each_pass(tmp_path):
+    bench = _benchmark()
+    train = _train_set(str(tmp_path / "images"))
+    table = str(tmp_path / "open_clip.csv")
+    num_rows = 3 * len(train) + 4  # three whole passes and part of a fourth
+    passes = bench.write_open_clip_table(train, str(tmp_path / "images"), num_rows, seed=0, path=table)
+    with open(table, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    assert passes == 4 and len(rows) == num_rows
+    for p in range(3):
+        chunk = rows[p * len(train):(p + 1) * len(train)]
+        assert sorted(os.path.basename(r["filepath"]) for r in chunk) == sorted(n for n, _ in train)
+    by_image = {}
+    for row in rows[: 3 * len(train)]:
+        by_image.setdefault(os.path.basename(row["filepath"]), []).append(row["title"])
+    assert all(len(set(captions)) == 3 for captions in by_image.values())
+
+
+def test_rows_table_reads_back_as_open_clips_rows_one_record_each(tmp_path):
+    bench = _benchmark()
+    image_dir = str(tmp_path / "images")
+    train = _train_set(image_dir)
+    table = str(tmp_path / "open_clip.csv")
+    num_rows = 3 * len(train) + 4
+    bench.write_open_clip_table(train, image_dir, num_rows, seed=1, path=table)
+    root, rows_table = str(tmp_path / "rows_images"), str(tmp_path / "rows.tsv")
+    written = bench.write_keras_clip_rows_table(table, len(train), image_dir, root, rows_table)
+
+    records, paths, counts, missing = pipeline.read_table_records(
+        rows_table, root, image_column="image", caption_column="caption")
+
+    with open(table, newline="", encoding="utf-8") as f:
+        expected = [(os.path.basename(r["filepath"]), r["title"]) for r in csv.DictReader(f, delimiter="\t")]
+    assert written == len(records) == num_rows and missing == 0
+    assert all(len(captions) == 1 for _, _, captions in records)
+    got = [(os.path.basename(os.path.realpath(path)), captions[0]) for path, (_, _, captions) in zip(paths, records)]
+    assert sorted(got) == sorted(expected)
+    # Each path resolves to the original file.
+    assert all(os.path.realpath(p) == os.path.realpath(os.path.join(image_dir, os.path.basename(p))) for p in paths)
+    assert np.unique([p for p in paths]).size == num_rows
