@@ -504,12 +504,45 @@ def train_open_clip(args, run, table, config_dir, model_name, run_dir):
 # ----------------------------------------------------------------------------------
 
 
-def evaluate(model, retrieval, cifar):
+def heldout_contrastive_loss(image_embeddings, text_embeddings, text_to_image, logit_scale, batch_size):
+    """CLIP's symmetric cross-entropy on held-out pairs, in float64 numpy: for each caption
+    slot k (every image's k-th caption), the images in order in batches of `batch_size`
+    against their k-th captions; the mean over all batches. A loss is less noisy than
+    recall@K: every pair counts with its margin, not only whether it ranks first.
+    """
+    images = np.asarray(image_embeddings, np.float64)
+    texts = np.asarray(text_embeddings, np.float64)
+    text_to_image = np.asarray(text_to_image)
+    per_image = np.bincount(text_to_image, minlength=len(images))
+    if per_image.min() != per_image.max():
+        raise ValueError(f"Every image needs as many captions; counts range {per_image.min()}-{per_image.max()}")
+
+    def cross_entropy(logits):  # (n, n), targets on the diagonal
+        logits = logits - logits.max(axis=1, keepdims=True)
+        return float(np.mean(np.log(np.exp(logits).sum(axis=1)) - np.diag(logits)))
+
+    order = np.argsort(text_to_image, kind="stable")  # captions grouped by image, in order
+    losses = []
+    for k in range(per_image[0]):
+        slot = texts[order[k::per_image[0]]]  # (N, E): the k-th caption of each image
+        for start in range(0, len(images) - batch_size + 1, batch_size):
+            logits = logit_scale * images[start:start + batch_size] @ slot[start:start + batch_size].T
+            losses.append((cross_entropy(logits) + cross_entropy(logits.T)) / 2)
+    return float(np.mean(losses))
+
+
+def evaluate(model, retrieval, cifar, loss_batch_size=125):
     from keras_clip.evaluation import evaluate_retrieval
+    from keras_clip.evaluation.retrieval import encode_images, encode_texts
     from keras_clip.zero_shot import ZeroShotClassifier
 
     metrics = evaluate_retrieval(model, retrieval["images"], retrieval["captions"],
                                  retrieval["text_to_image"], image_batch_size=250, text_batch_size=500)
+    # Held-out loss at the trained logit scale, batches of 125 (8 per caption slot).
+    images = encode_images(model, retrieval["images"], batch_size=250)
+    texts = encode_texts(model, retrieval["captions"], batch_size=500)
+    metrics["test_loss"] = heldout_contrastive_loss(
+        images, texts, retrieval["text_to_image"], float(np.asarray(model.logit_scale())), loss_batch_size)
     classifier = ZeroShotClassifier(model, cifar["class_names"], templates=cifar["templates"])
     predictions = classifier.predict_labels(cifar["images"], batch_size=500)
     metrics["cifar10_top1"] = 100.0 * float(np.mean(predictions == cifar["labels"]))
@@ -533,6 +566,7 @@ _COLUMNS = [
     ("R@5", "text_to_image_R@5", "{:.1f}"),
     ("R@10", "text_to_image_R@10", "{:.1f}"),
     ("CIFAR-10", "cifar10_top1", "{:.1f}"),
+    ("test loss", "test_loss", "{:.3f}"),
 ]
 
 
@@ -564,14 +598,14 @@ def format_table(results, frameworks):
         return "/".join(group)
 
     for result in results:
-        cells = " ".join(f"{fmt.format(result[key]):>8}" for _, key, fmt in _COLUMNS)
+        cells = " ".join(f"{fmt.format(result.get(key, float('nan'))):>8}" for _, key, fmt in _COLUMNS)
         lines.append(f"{label(_group(result)):<{label_width}} {result['seed']:>4} {cells}")
     lines.append("-" * len(header))
     summary = {}
     for group in dict.fromkeys(_group(r) for r in results):
         runs = [r for r in results if _group(r) == group]
-        mean = {key: float(np.mean([r[key] for r in runs])) for _, key, _ in _COLUMNS}
-        spread = {key: float(np.ptp([r[key] for r in runs])) for _, key, _ in _COLUMNS}
+        mean = {key: float(np.mean([r.get(key, float("nan")) for r in runs])) for _, key, _ in _COLUMNS}
+        spread = {key: float(np.ptp([r.get(key, float("nan")) for r in runs])) for _, key, _ in _COLUMNS}
         summary[label(group)] = {"mean": mean, "spread": spread, "seeds": [r["seed"] for r in runs]}
         cells = " ".join(f"{fmt.format(mean[key]):>8}" for _, key, fmt in _COLUMNS)
         lines.append(f"{label(group):<{label_width}} {'mean':>4} {cells}")

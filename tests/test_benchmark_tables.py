@@ -75,3 +75,36 @@ def test_rows_table_reads_back_as_open_clips_rows_one_record_each(tmp_path):
     # Each path resolves to the original file.
     assert all(os.path.realpath(p) == os.path.realpath(os.path.join(image_dir, os.path.basename(p))) for p in paths)
     assert np.unique([p for p in paths]).size == num_rows
+
+
+def test_heldout_contrastive_loss_matches_open_clips_loss():
+    """The benchmark's held-out loss against open_clip's `ClipLoss` formula (numpy form:
+    mean of the image->text and text->image cross-entropies, per batch, then averaged)."""
+    bench = _benchmark()
+    rng = np.random.default_rng(0)
+    num_images, per_image, dim, batch, scale = 12, 3, 8, 4, 14.3
+
+    def unit(x):
+        return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+    images = unit(rng.normal(size=(num_images, dim)))
+    texts = unit(rng.normal(size=(num_images * per_image, dim)))
+    text_to_image = np.repeat(np.arange(num_images), per_image)
+    permutation = rng.permutation(len(texts))  # captions need not be grouped
+    got = bench.heldout_contrastive_loss(images, texts[permutation], text_to_image[permutation], scale, batch)
+
+    # The k-th caption of an image is its k-th in the order given.
+    shuffled_texts, shuffled_owner = texts[permutation], text_to_image[permutation]
+    captions_of = [[t for t, owner in zip(shuffled_texts, shuffled_owner) if owner == i] for i in range(num_images)]
+    expected = []
+    for k in range(per_image):
+        slot = np.stack([captions_of[i][k] for i in range(num_images)])
+        for start in range(0, num_images, batch):
+            logits = scale * images[start:start + batch] @ slot[start:start + batch].T
+            labels = np.arange(batch)
+            log_softmax_rows = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+            log_softmax_cols = logits.T - np.log(np.exp(logits.T).sum(1, keepdims=True))
+            expected.append(-(log_softmax_rows[labels, labels].mean() + log_softmax_cols[labels, labels].mean()) / 2)
+    np.testing.assert_allclose(got, np.mean(expected), rtol=1e-12)
+    # Perfectly matched pairs at a large scale: loss near 0; shuffled pairs: near log(batch).
+    assert bench.heldout_contrastive_loss(images, np.repeat(images, per_image, 0), text_to_image, 100.0, batch) < 0.05
