@@ -122,9 +122,11 @@ def test_training_step_trims_texts_without_changing_loss_or_gradients():
         reference = losses.clip_loss(image, text, image, text, model.logit_scale())["loss"]
     expected = tape.gradient(reference, model.trainable_variables)
     assert float(loss) == pytest.approx(float(reference), rel=1e-6)
+    # float32 sums over 7 and over 12 positions round differently: on an AVX-512 CPU
+    # without AMX one positional-embedding entry of size 0.07 differed by 1.7e-6.
     for variable, got, want in zip(model.trainable_variables, gradients, expected):
         np.testing.assert_allclose(tf.convert_to_tensor(got), tf.convert_to_tensor(want),
-                                   rtol=1e-5, atol=1e-6, err_msg=variable.path)
+                                   rtol=1e-5, atol=1e-5, err_msg=variable.path)
 
 
 def test_temperature_stays_at_most_100_during_training():
