@@ -4,7 +4,8 @@ and/or bf16, then evaluates every model with the same keras_clip code.
     python benchmarks/train_vs_open_clip.py [--model tiny|issue14] [--steps N] [--batch_size B]
         [--seeds 0 1] [--precision float32 bf16] [--settings own matched]
         [--matched_recipe open_clip|paper] [--cifar_images 2000] [--cifar_templates simple|openai]
-        [--frameworks keras_clip open_clip] [--out_dir /tmp/train_vs_open_clip]
+        [--frameworks keras_clip open_clip] [--keras_data images|open_clip_rows]
+        [--reuse] [--out_dir /tmp/train_vs_open_clip]
 
 `--model` names the architecture with its run defaults (`MODELS`): `tiny` is keras_clip's
 `clip_vit_tiny` at 64 px (120 steps x 64, lr 1e-3, decay 0.1: a check that nothing is
@@ -36,12 +37,17 @@ correction, torch's after (docs/bf16_training_quality.md).
 Training data: the 6,000 Flickr8k `train` images with their 5 captions each. keras_clip
 reads a table of them (one caption drawn per image per epoch); open_clip reads a CSV that
 this script writes with exactly `steps * batch_size` rows (passes over the images, a
-different caption per pass), so that one open_clip epoch is the step budget. Evaluation,
+different caption per pass), so that one open_clip epoch is the step budget.
+`--keras_data open_clip_rows` (an ablation of caption sampling and data order) gives
+keras_clip open_clip's very rows for the same seed instead, one record per row, fully
+shuffled, one epoch. Evaluation,
 identical for both (the open_clip checkpoint is loaded into keras_clip, float32):
 recall@1/5/10 both ways on the 1,000 Flickr8k test images and their 5,000 captions, and
 zero-shot top-1 on `--cifar_images` CIFAR-10 test images (the seeded subset that
 `python -m keras_clip.evaluate --max_examples` evaluates) with 4 simple
-templates (`SIMPLE_TEMPLATES`) or OpenAI's 18.
+templates (`SIMPLE_TEMPLATES`) or OpenAI's 18; and a held-out loss, the contrastive loss
+on the Flickr8k test pairs in batches of 125 at the trained temperature (less noisy than
+recall@K; `heldout_contrastive_loss`).
 
 Each training run is a fresh process (keras_clip: a spawned worker that loads no torch;
 open_clip: `open_clip_train_wrapper.py`, which loads no TensorFlow), and the runs take
