@@ -47,27 +47,11 @@ def _real_data_dir(config):
     return None
 
 
-# The slowest test files, slowest first (seconds of setup and calls measured with
-# `--durations` on 2026-12-01, on a 2-core machine without AMX). `--dist loadfile` hands
-# files out in collection order, so starting the long ones first keeps one process from
-# running a long file alone at the end while the other idles.
-SLOW_FILES = (
-    "test_entry_points.py", "test_multiworker.py", "test_training_hostile.py", "test_data.py",
-    "test_training_run.py", "test_export_atomic.py", "test_export.py", "test_data_spec.py",
-    "test_image_hostile.py", "test_serving_hostile.py", "test_large_batch_training.py",
-    "test_large_batch_multiworker.py", "test_image_preprocessor.py",
-    "test_preprocessing_config.py", "test_launch_hostile.py", "test_serving.py",
-)
-
-
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if set(getattr(item, "fixturenames", ())) & set(DATA_FIXTURES):
             item.add_marker(pytest.mark.data)
-    rank = {name: i for i, name in enumerate(SLOW_FILES)}
-    # Stable: the tests of one file keep their order.
-    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FILES)))
 
 
 @pytest.fixture(scope="session")
