@@ -44,6 +44,7 @@ def _validate_range(name, value):
         )
 
 
+@tf.autograph.experimental.do_not_convert
 def sample_crop_box(height, width, seed, scale=DEFAULT_SCALE, ratio=DEFAULT_RATIO):
     """Draws a RandomResizedCrop box with torchvision's algorithm, statelessly.
 
@@ -110,6 +111,7 @@ def sample_crop_box(height, width, seed, scale=DEFAULT_SCALE, ratio=DEFAULT_RATI
     return tf.stack([top, left, crop_height, crop_width])
 
 
+@tf.autograph.experimental.do_not_convert
 def random_resized_crop(image, image_size, seed, scale=DEFAULT_SCALE, ratio=DEFAULT_RATIO):
     """RandomResizedCrop of one image: crop a random box, resize it bicubically.
 
@@ -146,6 +148,7 @@ def random_resized_crop(image, image_size, seed, scale=DEFAULT_SCALE, ratio=DEFA
     return tf.ensure_shape(tf.cast(resized, tf.uint8), [image_size, image_size, image.shape[-1]])
 
 
+@tf.autograph.experimental.do_not_convert
 def train_transform(image_bytes, seed, preprocessor, scale=DEFAULT_SCALE, ratio=DEFAULT_RATIO):
     """open_clip's training transform on one encoded image.
 

@@ -116,11 +116,29 @@ class CLIPServingModule(tf.Module):
                 tf.constant(self.class_names, tf.string), trainable=False, name="labels"
             )
             self.top_k = min(int(top_k), len(self.class_names))
-            # Only a module with labels has `classify`: tf.saved_model.save traces every
-            # tf.function attribute, and this one needs the class embeddings.
-            self.classify = tf.function(
-                self._classify,
-                input_signature=[tf.TensorSpec([None], tf.string, name=IMAGE_BYTES)])
+        image_bytes = tf.TensorSpec([None], tf.string, name=IMAGE_BYTES)
+        texts = tf.TensorSpec([None], tf.string, name=TEXTS)
+        functions = {
+            ENCODE_IMAGE: (self._encode_image, [image_bytes]),
+            ENCODE_TEXT: (self._encode_text, [texts]),
+            SIMILARITY: (self._similarity, [image_bytes, texts]),
+        }
+        if self.class_names:  # `classify` needs the class embeddings
+            functions[CLASSIFY] = (self._classify, [image_bytes])
+        # The signatures' `tf.function`s live in a plain holder, not as attributes:
+        # `tf.saved_model.save` retraces every tf.function it finds on a module, which
+        # doubled the export's tracing time. The SavedModel's interface is its
+        # signatures (what TF Serving serves); the restored object has no methods.
+        self._functions = _Functions({
+            name: tf.function(function, input_signature=specs)
+            for name, (function, specs) in functions.items()
+        })
+        # Each tower with its preprocessing is traced once and called by every
+        # signature that needs it (a graph function in the SavedModel's library).
+        self._embeddings = _Functions({
+            IMAGE_BYTES: tf.function(self._image_embeddings, input_signature=[image_bytes]),
+            TEXTS: tf.function(self._text_embeddings, input_signature=[texts]),
+        })
 
     # -- building blocks (traced inside the signatures) ------------------------
     def _check_batch(self, values, input_name):
@@ -156,27 +174,21 @@ class CLIPServingModule(tf.Module):
             token_ids = self.tokenizer(texts)  # (B, T)
         return _unit_float32(self.model.encode_text(token_ids, normalize=False, trim=True))  # (B, D)
 
-    # -- signatures --------------------------------------------------------------
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=IMAGE_BYTES)])
-    def encode_image(self, image_bytes):
-        return {IMAGE_EMBEDDINGS: self._image_embeddings(image_bytes)}
+    # -- signatures (Python bodies; traced once each by `self._functions`) -------
+    def _encode_image(self, image_bytes):
+        return {IMAGE_EMBEDDINGS: self._embeddings[IMAGE_BYTES](image_bytes)}
 
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=TEXTS)])
-    def encode_text(self, texts):
-        return {TEXT_EMBEDDINGS: self._text_embeddings(texts)}
+    def _encode_text(self, texts):
+        return {TEXT_EMBEDDINGS: self._embeddings[TEXTS](texts)}
 
-    @tf.function(input_signature=[
-        tf.TensorSpec([None], tf.string, name=IMAGE_BYTES),
-        tf.TensorSpec([None], tf.string, name=TEXTS),
-    ])
-    def similarity(self, image_bytes, texts):
-        image = self._image_embeddings(image_bytes)  # (B, D)
-        text = self._text_embeddings(texts)  # (B', D)
+    def _similarity(self, image_bytes, texts):
+        image = self._embeddings[IMAGE_BYTES](image_bytes)  # (B, D)
+        text = self._embeddings[TEXTS](texts)  # (B', D)
         scale = tf.cast(self.model.logit_scale(), tf.float32)
         return {LOGITS_PER_IMAGE: scale * tf.matmul(image, text, transpose_b=True)}  # (B, B')
 
     def _classify(self, image_bytes):
-        image = self._image_embeddings(image_bytes)  # (B, D)
+        image = self._embeddings[IMAGE_BYTES](image_bytes)  # (B, D)
         logits = class_logits(self.model, image, self.class_embeddings)  # (B, C)
         # A softmax over the labels for either loss (a sigmoid model's bias cancels).
         scores = tf.nn.softmax(logits, axis=-1)  # (B, C)
@@ -187,17 +199,44 @@ class CLIPServingModule(tf.Module):
             TOP_SCORES: top_scores,
         }
 
+    # -- calling the signatures in Python ------------------------------------------
+    def encode_image(self, image_bytes):
+        return self._functions[ENCODE_IMAGE](image_bytes)
+
+    def encode_text(self, texts):
+        return self._functions[ENCODE_TEXT](texts)
+
+    def similarity(self, image_bytes, texts):
+        return self._functions[SIMILARITY](image_bytes, texts)
+
+    def classify(self, image_bytes):
+        if CLASSIFY not in self._functions:
+            raise ValueError("This module has no labels, so no `classify`; pass `class_names`.")
+        return self._functions[CLASSIFY](image_bytes)
+
     def signatures(self):
         """Signature name -> concrete function, as `tf.saved_model.save` takes them."""
-        signatures = {
-            ENCODE_IMAGE: self.encode_image.get_concrete_function(),
-            ENCODE_TEXT: self.encode_text.get_concrete_function(),
-            SIMILARITY: self.similarity.get_concrete_function(),
-        }
-        if self.class_names:
-            signatures[CLASSIFY] = self.classify.get_concrete_function()
+        signatures = {name: function.get_concrete_function()
+                      for name, function in self._functions.items()}
         signatures[SERVING_DEFAULT] = signatures.get(CLASSIFY, signatures[ENCODE_IMAGE])
         return signatures
+
+
+class _Functions:
+    """Signature name -> `tf.function`, in a plain object that `tf.Module` neither
+    wraps nor tracks, so `tf.saved_model.save` does not retrace its functions."""
+
+    def __init__(self, functions):
+        self._functions = dict(functions)
+
+    def __contains__(self, name):
+        return name in self._functions
+
+    def __getitem__(self, name):
+        return self._functions[name]
+
+    def items(self):
+        return self._functions.items()
 
 
 # -- export -------------------------------------------------------------------------

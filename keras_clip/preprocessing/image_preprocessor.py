@@ -120,6 +120,32 @@ class _GraphFunctions:
         return self._functions[key](inputs)
 
 
+class _PerImageFunction:
+    """`tf.function`s (encoded image[, batch index]) -> pixels for a layer.
+
+    The per-image graph (format detection, header walks, five decoders, resampling)
+    is large. It is traced once per layer and called, not inlined, by every graph
+    built from the layer (the batch `tf.map_fn` of each signature of an export, each
+    `tf.data` map), and traced without AutoGraph: the code uses TensorFlow control
+    flow explicitly, and the conversion only added tracing time (image_decode.py). A
+    plain holder, not tracked by Keras or `tf.saved_model`: a SavedModel stores the
+    traced graph in its function library.
+    """
+
+    def __init__(self, python_function):
+        image_bytes = tf.TensorSpec([], tf.string)
+        self._with_index = tf.function(
+            python_function, autograph=False,
+            input_signature=[image_bytes, tf.TensorSpec([], tf.int32)])
+        self._without_index = tf.function(
+            python_function, autograph=False, input_signature=[image_bytes])
+
+    def __call__(self, image_bytes, index=None):
+        if index is None:
+            return self._without_index(image_bytes)
+        return self._with_index(image_bytes, index)
+
+
 @keras.saving.register_keras_serializable(package="keras_clip")
 class CLIPImagePreprocessor(keras.layers.Layer):
     """CLIP image preprocessing: decode, resize, center crop, normalise.
@@ -217,8 +243,10 @@ class CLIPImagePreprocessor(keras.layers.Layer):
         self._convert_input_args = False
         self._allow_non_tensor_positional_args = True
         self._graph_functions = _GraphFunctions(self._preprocess)
+        self._per_image = _PerImageFunction(self._preprocess_bytes)
         self.built = True
 
+    @tf.autograph.experimental.do_not_convert
     def is_too_large(self, image_bytes, check_resize=True, jpeg_header_reader="walk"):
         """Whether one encoded image's header declares a size over `max_pixels`.
 
@@ -282,10 +310,10 @@ class CLIPImagePreprocessor(keras.layers.Layer):
         if inputs.dtype != tf.string:
             return self._normalize(resize_and_center_crop(inputs, self.image_size))
         if inputs.shape.rank == 0:
-            return self._normalize(self._preprocess_bytes(inputs))
+            return self._normalize(self._per_image(inputs))
         indices = tf.range(tf.shape(inputs)[0])
         pixels = tf.map_fn(
-            lambda args: self._preprocess_bytes(args[0], args[1]),
+            lambda args: self._per_image(args[0], args[1]),
             (inputs, indices),
             fn_output_signature=tf.TensorSpec([self.image_size, self.image_size, 3], tf.uint8),
         )  # (B, image_size, image_size, 3)

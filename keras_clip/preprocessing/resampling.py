@@ -173,6 +173,7 @@ def _center_crop(images, image_size):
     return images[:, top : top + image_size, left : left + image_size, :]
 
 
+@tf.autograph.experimental.do_not_convert
 def _resize_and_center_crop_batch(images, image_size, resample):
     """(B, H, W, C) integer levels -> (B, image_size, image_size, 3) uint8.
 
@@ -214,6 +215,7 @@ def _resize_and_center_crop_batch(images, image_size, resample):
     return tf.cast(cropped, tf.uint8)
 
 
+@tf.autograph.experimental.do_not_convert
 def resize_and_center_crop(image, image_size, resample="bicubic"):
     """OpenAI's `Resize(image_size, BICUBIC)` + `CenterCrop(image_size)`, as PIL does it.
 
