@@ -24,6 +24,8 @@ taken. GIFs are cut after their first frame, so TensorFlow's decoder neither
 keeps every frame in memory nor sizes its canvas by the largest.
 """
 
+import functools
+
 import numpy as np
 import tensorflow as tf
 from tensorflow.core.framework import attr_value_pb2 as _attr_value_pb2
@@ -791,6 +793,18 @@ def declared_size(image_bytes):
         `(height, width, known)`: int64, int64 and bool scalars (0, 0 when not
         known).
     """
+    return _declared_size_function()(tf.convert_to_tensor(image_bytes, tf.string))
+
+
+@functools.lru_cache(maxsize=None)
+def _declared_size_function():
+    # One trace per process, called by every graph that reads a header.
+    return tf.function(_declared_size, autograph=False,
+                       input_signature=[tf.TensorSpec([], tf.string)])
+
+
+def _declared_size(image_bytes):
+    """`declared_size`, traced once per process by `_declared_size_function`."""
     image_bytes = tf.convert_to_tensor(image_bytes, tf.string)
     data = _Bytes(image_bytes)
     format_id = _detect_format(image_bytes, data)
@@ -847,5 +861,14 @@ def decode_image(image_bytes, max_pixels=DEFAULT_MAX_PIXELS):
             a <W>x<H> image (<N> pixels), more than the limit of <max_pixels>
             pixels (`max_pixels`)`.
     """
-    rgba, _ = _decode_rgba(image_bytes, limits=_Limits(validate_max_pixels(max_pixels)))
-    return rgba[..., :3]
+    function = _decode_rgb_function(validate_max_pixels(max_pixels))
+    return function(tf.convert_to_tensor(image_bytes, tf.string))
+
+
+@functools.lru_cache(maxsize=None)
+def _decode_rgb_function(max_pixels):
+    # One trace per process and limit, called by every graph that decodes (the
+    # training pipeline's maps, eager calls).
+    limits = _Limits(max_pixels)
+    return tf.function(lambda image_bytes: _decode_rgba(image_bytes, limits=limits)[0][..., :3],
+                       autograph=False, input_signature=[tf.TensorSpec([], tf.string)])

@@ -21,6 +21,8 @@ them from.
 """
 
 import keras
+import functools
+
 import numpy as np
 import tensorflow as tf
 
@@ -120,30 +122,31 @@ class _GraphFunctions:
         return self._functions[key](inputs)
 
 
-class _PerImageFunction:
-    """`tf.function`s (encoded image[, batch index]) -> pixels for a layer.
+def _preprocess_bytes(image_bytes, index, image_size, max_pixels):
+    """One encoded image -> (image_size, image_size, 3) uint8."""
+    rgba, mode = _decode_rgba(image_bytes, index, _Limits(max_pixels, image_size))
+    return _resize_and_center_crop_batch(rgba[None], image_size, mode)[0]
+
+
+@functools.lru_cache(maxsize=None)
+def _per_image_function(image_size, max_pixels, with_index):
+    """The traced `_preprocess_bytes` for one (image size, pixel limit), per process.
 
     The per-image graph (format detection, header walks, five decoders, resampling)
-    is large. It is traced once per layer and called, not inlined, by every graph
-    built from the layer (the batch `tf.map_fn` of each signature of an export, each
-    `tf.data` map), and traced without AutoGraph: the code uses TensorFlow control
-    flow explicitly, and the conversion only added tracing time (image_decode.py). A
-    plain holder, not tracked by Keras or `tf.saved_model`: a SavedModel stores the
-    traced graph in its function library.
+    is large. It is traced once per process and called, not inlined, by every graph
+    that preprocesses encoded images with these settings (the batch `tf.map_fn` of
+    each signature of an export, each `tf.data` map, every layer instance), and
+    traced without AutoGraph: the code uses TensorFlow control flow explicitly, and
+    the conversion only added tracing time (image_decode.py). Not tracked by Keras
+    or `tf.saved_model`: a SavedModel stores the traced graph in its function library.
     """
-
-    def __init__(self, python_function):
-        image_bytes = tf.TensorSpec([], tf.string)
-        self._with_index = tf.function(
-            python_function, autograph=False,
-            input_signature=[image_bytes, tf.TensorSpec([], tf.int32)])
-        self._without_index = tf.function(
-            python_function, autograph=False, input_signature=[image_bytes])
-
-    def __call__(self, image_bytes, index=None):
-        if index is None:
-            return self._without_index(image_bytes)
-        return self._with_index(image_bytes, index)
+    image_bytes = tf.TensorSpec([], tf.string)
+    if with_index:
+        return tf.function(
+            lambda data, index: _preprocess_bytes(data, index, image_size, max_pixels),
+            autograph=False, input_signature=[image_bytes, tf.TensorSpec([], tf.int32)])
+    return tf.function(lambda data: _preprocess_bytes(data, None, image_size, max_pixels),
+                       autograph=False, input_signature=[image_bytes])
 
 
 @keras.saving.register_keras_serializable(package="keras_clip")
@@ -243,7 +246,6 @@ class CLIPImagePreprocessor(keras.layers.Layer):
         self._convert_input_args = False
         self._allow_non_tensor_positional_args = True
         self._graph_functions = _GraphFunctions(self._preprocess)
-        self._per_image = _PerImageFunction(self._preprocess_bytes)
         self.built = True
 
     @tf.autograph.experimental.do_not_convert
@@ -294,10 +296,10 @@ class CLIPImagePreprocessor(keras.layers.Layer):
         limits = _Limits(self.max_pixels, self.image_size if check_resize else None)
         return limits.exceeded(height, width)
 
-    def _preprocess_bytes(self, image_bytes, index=None):
-        """One encoded image -> (image_size, image_size, 3) uint8."""
-        rgba, mode = _decode_rgba(image_bytes, index, _Limits(self.max_pixels, self.image_size))
-        return _resize_and_center_crop_batch(rgba[None], self.image_size, mode)[0]
+    def _per_image(self, image_bytes, index=None):
+        """One encoded image -> (image_size, image_size, 3) uint8 (one process-wide trace)."""
+        function = _per_image_function(self.image_size, self.max_pixels, index is not None)
+        return function(image_bytes) if index is None else function(image_bytes, index)
 
     def _normalize(self, pixels):
         # A lookup of the (level, channel) table: bit-identical to torchvision's
