@@ -198,6 +198,9 @@ class CLIPTokenizer(TextCleaning, BytePairEncoding, keras.layers.Layer):
 
     # ----------------------------------------------------------------- call
 
+    # TensorFlow control flow throughout, so AutoGraph (which a `tf.data` map or a
+    # `tf.function` applies) is skipped: its conversion only slowed the trace.
+    @tf.autograph.experimental.do_not_convert
     def call(self, texts):
         texts = tf.convert_to_tensor(texts, dtype=tf.string)
         if texts.shape.rank == 0:
