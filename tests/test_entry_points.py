@@ -120,15 +120,23 @@ def test_serving_cli_against_the_local_server_matches_the_model(exported):
         stdout=log, stderr=subprocess.STDOUT, cwd=str(root))
     cli = [str(REPO_ROOT / "serving" / "cli.py"), f"--server=127.0.0.1:{port}", "--timeout=60"]
     try:
+        # Wait in this process (a CLI process per poll would import TensorFlow each
+        # time, competing with the loading server for the CPU), then ask the CLI.
+        from keras_clip.serving.client import ClientError, CLIPClient
+
         deadline = time.time() + 300
-        while True:
-            status = subprocess.run([sys.executable, *cli, "status"], capture_output=True, text=True,
-                                    cwd=str(root), timeout=TIMEOUT)
-            if status.returncode == 0 and json.loads(status.stdout)[0]["state"] == "AVAILABLE":
-                break
-            assert server.poll() is None, (root / "server.log").read_text()[-3000:]
-            assert time.time() < deadline, "server did not become ready"
-            time.sleep(1)
+        with CLIPClient(f"127.0.0.1:{port}", timeout=10, max_attempts=1) as client:
+            while True:
+                try:
+                    if client.status()[0]["state"] == "AVAILABLE":
+                        break
+                except ClientError:
+                    pass
+                assert server.poll() is None, (root / "server.log").read_text()[-3000:]
+                assert time.time() < deadline, "server did not become ready"
+                time.sleep(1)
+        status = json.loads(_python([*cli, "status"], cwd=root).stdout)
+        assert [entry["state"] for entry in status] == ["AVAILABLE"], status
         classified = json.loads(_python([*cli, "classify", *map(str, paths)], cwd=root).stdout)
         embeddings = np.array(json.loads(_python([*cli, "encode_image", *map(str, paths)], cwd=root).stdout))
         failed = subprocess.run([sys.executable, *cli, "--model_name=nope", "status"],

@@ -263,17 +263,27 @@ def _checkpoint_files(model_dir):
     return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
 
 
+@pytest.fixture(scope="module")
+def four_step_run(presets, data_with_early_drops, tmp_path_factory):
+    """A finished 4-step run (checkpoints 2 and 4), copied by each test that resumes it."""
+    model_dir = tmp_path_factory.mktemp("four_steps")
+    run(_config(presets["tiny"], data_with_early_drops, model_dir, steps=4))
+    return model_dir
+
+
 @pytest.mark.parametrize("change, expected", [
     (dict(preset="deeper"), "model.vision_num_layers: checkpoint 1 != this run 2"),
     (dict(precision="mixed_bfloat16"), 'precision: checkpoint "float32" != this run "mixed_bfloat16"'),
     (dict(global_batch_size=8), "global_batch_size: checkpoint 4 != this run 8"),
 ])
 def test_checkpoint_of_another_run_stops_with_the_differences_and_is_kept(
-        presets, data_with_early_drops, tmp_path_factory, change, expected):
+        presets, data_with_early_drops, four_step_run, tmp_path, change, expected):
+    import shutil
+
     from keras_clip.training.checkpointing import CheckpointMismatchError
 
-    model_dir = tmp_path_factory.mktemp("mismatch")
-    run(_config(presets["tiny"], data_with_early_drops, model_dir, steps=4))
+    model_dir = tmp_path / "run"
+    shutil.copytree(four_step_run, model_dir)
     before = _checkpoint_files(model_dir)
     assert {"ckpt-2.index", "ckpt-4.index"} <= set(before)
     change = dict(change)
