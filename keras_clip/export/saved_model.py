@@ -223,8 +223,8 @@ class CLIPServingModule(tf.Module):
 
 
 class _Functions:
-    """Signature name -> `tf.function`, in a plain object that `tf.Module` neither
-    wraps nor tracks, so `tf.saved_model.save` does not retrace its functions."""
+    """Name -> `tf.function`, in a plain object that `tf.Module` neither wraps nor
+    tracks, so `tf.saved_model.save` does not retrace its functions."""
 
     def __init__(self, functions):
         self._functions = dict(functions)

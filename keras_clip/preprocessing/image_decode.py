@@ -155,8 +155,9 @@ _SIGNATURE_EXPECTED, _SIGNATURE_COUNTED, _SIGNATURE_FORMATS = _signature_table()
 # `_decode_rgba`, `declared_size`, `decode_image`) use TensorFlow control flow
 # explicitly, so they are marked `do_not_convert`: inside a `tf.data` map or a
 # `tf.function`, AutoGraph's conversion of this code only added tracing time (an
-# export of the tests' tiny model: 29 s converted, 17-21 s not). Unconverted, Python control flow on a tensor fails at trace
-# time, so nothing can silently depend on the conversion.
+# export of the tests' tiny model: 29 s converted, 17-21 s not). Unconverted,
+# Python control flow on a tensor fails at trace time, so nothing can silently
+# depend on the conversion.
 
 @tf.autograph.experimental.do_not_convert
 def detect_format(image_bytes):

@@ -20,9 +20,9 @@ The two modules' names are re-exported here, where callers have always imported
 them from.
 """
 
-import keras
 import functools
 
+import keras
 import numpy as np
 import tensorflow as tf
 
