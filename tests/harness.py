@@ -386,3 +386,22 @@ def record_logits_shapes(shapes, convert=tuple, monkeypatch=None):
         else:
             setattr(losses, name, wrapped)
     return shapes
+
+
+def wait_until_serving(client, process, log_path, timeout=300):
+    """Polls `client.status()` until the model is AVAILABLE; fails with the server's
+    log when `process` exits or `timeout` seconds pass."""
+    import time
+
+    from keras_clip.serving.client import ClientError
+
+    deadline = time.time() + timeout
+    while True:
+        try:
+            if client.status()[0]["state"] == "AVAILABLE":
+                return
+        except ClientError:
+            pass
+        assert process.poll() is None, pathlib.Path(log_path).read_text()[-3000:]
+        assert time.time() < deadline, "server did not become ready"
+        time.sleep(1)

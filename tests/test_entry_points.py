@@ -12,7 +12,6 @@ import re
 import socket
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -122,19 +121,10 @@ def test_serving_cli_against_the_local_server_matches_the_model(exported):
     try:
         # Wait in this process (a CLI process per poll would import TensorFlow each
         # time, competing with the loading server for the CPU), then ask the CLI.
-        from keras_clip.serving.client import ClientError, CLIPClient
+        from keras_clip.serving.client import CLIPClient
 
-        deadline = time.time() + 300
         with CLIPClient(f"127.0.0.1:{port}", timeout=10, max_attempts=1) as client:
-            while True:
-                try:
-                    if client.status()[0]["state"] == "AVAILABLE":
-                        break
-                except ClientError:
-                    pass
-                assert server.poll() is None, (root / "server.log").read_text()[-3000:]
-                assert time.time() < deadline, "server did not become ready"
-                time.sleep(1)
+            harness.wait_until_serving(client, server, root / "server.log")
         status = json.loads(_python([*cli, "status"], cwd=root).stdout)
         assert [entry["state"] for entry in status] == ["AVAILABLE"], status
         classified = json.loads(_python([*cli, "classify", *map(str, paths)], cwd=root).stdout)

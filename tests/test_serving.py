@@ -6,7 +6,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 
 import grpc
 import numpy as np
@@ -14,6 +13,7 @@ import pytest
 import tensorflow as tf
 
 from keras_clip.serving.client import ClientError, CLIPClient
+from tests import harness
 from tests.test_export import (REPO_ROOT, TOLERANCE, export_tiny, flickr8k_samples,
                                keras_reference)
 
@@ -44,16 +44,7 @@ def served(tmp_path_factory, flickr8k_dir):
                                cwd=str(REPO_ROOT))
     client = CLIPClient(f"127.0.0.1:{port}", timeout=60)
     try:
-        deadline = time.time() + 300
-        while True:
-            try:
-                if client.status()[0]["state"] == "AVAILABLE":
-                    break
-            except ClientError:
-                pass
-            assert process.poll() is None, (base.parent / "server.log").read_text()[-3000:]
-            assert time.time() < deadline, "server did not become ready"
-            time.sleep(1)
+        harness.wait_until_serving(client, process, base.parent / "server.log")
         yield {"client": client, "images": images, "captions": captions, "expected": expected,
                "process": process}
     finally:
