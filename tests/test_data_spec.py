@@ -4,6 +4,7 @@ For each source kind (demo, TFRecord, CSV/TSV, tfds:) the count is checked again
 the pipeline's real output on one pass over synthetic data: its `records_read`
 counter and the examples it yields.
 """
+import csv
 import os
 
 import numpy as np
@@ -13,6 +14,7 @@ import tensorflow as tf
 from keras_clip import demo_data
 from keras_clip.data import pipeline, shards
 from keras_clip.data.spec import DataSpec, RecordCount, count_file_records
+from keras_clip.preprocessing.tokenizer import CLIPTokenizer
 from tests import harness
 
 IMAGE_SIZE, CONTEXT_LENGTH = 16, 8
@@ -142,6 +144,36 @@ def test_table_count_applies_the_readers_grouping_and_missing_image_rule(tmp_pat
     assert yielded == counters["records_read"] == 10
     pairs_images, pairs_captions = spec.image_caption_pairs()
     assert len(pairs_images) == 10 and [len(c) for c in pairs_captions] == [5] * 10
+
+
+def test_ungrouped_table_trains_on_every_image_caption_pair_once_per_pass(tmp_path):
+    """`group_by_image=False` (`--group_captions=false`): one record per row, as
+    open_clip's CsvDataset reads a table; counted the same way; evaluation groups."""
+    root = harness.write_flickr8k(tmp_path / "flickr", splits={"train": 4})
+    table = str(root / "captions.tsv")
+    with open(table, encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    spec = DataSpec.parse(table, image_root=str(root / "images"), group_by_image=False)
+
+    counters = pipeline.PipelineCounters()
+    dataset = spec.dataset(batch_size=4, image_size=IMAGE_SIZE, context_length=CONTEXT_LENGTH,
+                           training=True, seed=0, return_keys=True, counters=counters)
+    batches = [{name: value.numpy() for name, value in batch.items()} for batch in dataset]
+    keys = [key.decode() for batch in batches for key in batch["keys"]]
+    tokens = np.concatenate([batch["token_ids"] for batch in batches])
+
+    # 4 images x 5 captions: 20 records, each row exactly once, in shuffled order.
+    assert spec.count_records() == RecordCount(20, {}) and counters.as_dict()["records_read"] == 20
+    expected = {f"{os.path.splitext(row['image'])[0]}/{row['caption_idx']}": row["caption"] for row in rows}
+    assert sorted(keys) == sorted(expected) and keys != sorted(keys)
+    reference = CLIPTokenizer(context_length=CONTEXT_LENGTH)(tf.constant([expected[k] for k in keys]))
+    np.testing.assert_array_equal(tokens, reference.numpy())
+    grouped = DataSpec.parse(table, image_root=str(root / "images"))
+    assert grouped.count_records().records == 4
+    images, captions = spec.image_caption_pairs()
+    assert len(images) == 4 and [len(c) for c in captions] == [5] * 4
+    with pytest.raises(ValueError, match="needs a .csv/.tsv table"):
+        DataSpec.parse("shards/train-*.tfrecord", group_by_image=False)
 
 
 def test_table_count_reports_blank_captions_like_the_reader(tmp_path):

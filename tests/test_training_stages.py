@@ -17,6 +17,8 @@ from keras_clip import CLIP, demo_data
 from keras_clip.data import shards
 from keras_clip.data.spec import DataSpec
 from keras_clip.training import TrainConfig, loop
+from keras_clip.training.checkpointing import fingerprint_differences
+from tests import harness
 
 TINY = dict(embed_dim=32, image_size=32, vision_architecture="vit", vision_num_layers=1,
             vision_hidden_dim=64, vision_num_heads=2, vision_patch_size=8, context_length=24,
@@ -87,6 +89,25 @@ def test_set_up_keeps_image_root_with_a_table_spec(preset, tmp_path):
                                   image_root="/images", val_data=str(tmp_path / "val.csv")))
     assert (context.train_spec.kind, context.train_spec.image_root) == ("table", "/images")
     assert (context.val_spec.kind, context.val_spec.image_root) == ("table", "/images")
+
+
+def test_group_captions_false_reads_the_training_table_by_row_and_is_in_the_fingerprint(preset, tmp_path):
+    root = harness.write_flickr8k(tmp_path / "flickr", splits={"train": 4})  # 4 images x 5 captions
+    table, images = str(root / "captions.tsv"), str(root / "images")
+    grouped_config = _config(preset, table, tmp_path / "run", image_root=images, val_data=table)
+    rows_config = dataclasses.replace(grouped_config, group_captions=False)
+    grouped, rows = loop.set_up(grouped_config), loop.set_up(rows_config)
+
+    assert loop.plan_data(grouped) == loop.DataPlan(4, {}, 4 // BATCH, 3)
+    assert loop.plan_data(rows) == loop.DataPlan(20, {}, 20 // BATCH, 3)
+    assert not rows.train_spec.group_by_image and rows.val_spec.group_by_image  # evaluation groups
+    # A checkpoint of the grouped run does not resume the per-row run (positions differ).
+    model = CLIP.from_preset(preset)
+    differences = fingerprint_differences(loop.run_fingerprint(grouped_config, model, 1),
+                                          loop.run_fingerprint(rows_config, model, 1))
+    assert [(name, current) for name, _, current in differences] == [("group_captions", False)]
+    with pytest.raises(ValueError, match=r"^`group_captions=False` reads a CSV/TSV table"):
+        loop.set_up(_config(preset, "demo", tmp_path / "demo_run", group_captions=False))
 
 
 # 2. Data ----------------------------------------------------------------------------

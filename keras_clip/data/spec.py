@@ -55,6 +55,9 @@ class DataSpec:
         split: TFDS split ("" otherwise).
         image_root: folder of a table's image paths, or TFDS `data_dir` ("": default).
         text: the spec string as given.
+        group_by_image: tables only: one record per image with all its captions
+            (True), or one record per row, i.e. per image-caption pair (False).
+            Training reads and counts records this way; evaluation always groups.
     """
 
     kind: str
@@ -62,9 +65,10 @@ class DataSpec:
     split: str = ""
     image_root: str = ""
     text: str = ""
+    group_by_image: bool = True
 
     @classmethod
-    def parse(cls, spec, image_root="", default_split=DEFAULT_TFDS_SPLIT):
+    def parse(cls, spec, image_root="", default_split=DEFAULT_TFDS_SPLIT, group_by_image=True):
         """The `DataSpec` of a data string (a `DataSpec` is returned unchanged).
 
         Args:
@@ -72,9 +76,11 @@ class DataSpec:
             image_root: folder of a table's image paths, or TFDS `data_dir`.
             default_split: TFDS split of `tfds:NAME` without one (evaluation
                 reads `test`).
+            group_by_image: see the attribute; False needs a table.
 
         Raises:
-            ValueError: for an empty spec or `tfds:` without a dataset name.
+            ValueError: for an empty spec, `tfds:` without a dataset name, or
+                `group_by_image=False` for data that is not a table.
         """
         if isinstance(spec, DataSpec):
             return spec
@@ -83,6 +89,9 @@ class DataSpec:
             raise ValueError("`spec` must be `demo`, a TFRecord pattern, a .csv/.tsv path or "
                              f"`tfds:NAME[/SPLIT]`. Received: spec={spec!r}")
         image_root = image_root or ""
+        if not group_by_image and not text.endswith(TABLE_SUFFIXES):
+            raise ValueError("`group_by_image=False` needs a .csv/.tsv table (other data is read "
+                             f"as written). Received: spec={text!r}")
         if text == DEMO:
             return cls(DEMO, image_root=image_root, text=text)
         if text.startswith(TFDS_PREFIX):
@@ -91,7 +100,7 @@ class DataSpec:
                 raise ValueError(f"`spec` must name a TFDS dataset after `tfds:`. Received: spec={text!r}")
             return cls(TFDS, name, split or default_split, image_root, text)
         if text.endswith(TABLE_SUFFIXES):
-            return cls(TABLE, text, image_root=image_root, text=text)
+            return cls(TABLE, text, image_root=image_root, text=text, group_by_image=bool(group_by_image))
         return cls(TFRECORD, text, image_root=image_root, text=text)
 
     def __str__(self):
@@ -123,7 +132,8 @@ class DataSpec:
             return pipeline.tfds_dataset(self.path, split=self.split,
                                          data_dir=self.image_root or None, **kwargs)
         if self.kind == TABLE:
-            return pipeline.csv_dataset(self.path, self.image_root, **kwargs)
+            return pipeline.csv_dataset(self.path, self.image_root, group_by_image=self.group_by_image,
+                                        **kwargs)
         return pipeline.tfrecord_dataset(self.path, **kwargs)
 
     # -- counting -----------------------------------------------------------------
@@ -161,7 +171,8 @@ class DataSpec:
         if self.kind == TABLE:
             from keras_clip.data import pipeline
 
-            records, _, counts, _ = pipeline.read_table_records(self.path, self.image_root)
+            records, _, counts, _ = pipeline.read_table_records(
+                self.path, self.image_root, group_by_image=self.group_by_image)
             for name in ("empty_captions", "invalid_utf8_rows"):
                 if counts.get(name):
                     problems[name] = counts[name]

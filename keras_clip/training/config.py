@@ -6,6 +6,8 @@ Each field's help text is written once, beside it (`dataclasses.field(metadata=
 import dataclasses
 import numbers
 
+from keras_clip.data.spec import TABLE_SUFFIXES
+
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 STRATEGIES = ("one_device", "mirrored", "multiworker")
 JIT_SETTINGS = ("auto", "true", "false")
@@ -41,6 +43,11 @@ class TrainConfig:
     val_data: str = _field("demo", "Validation data in the same forms ('' for none; demo: the "
                                    "generated validation split).")
     image_root: str = _field("", "Folder of the CSV's image paths (or TFDS data_dir).")
+    group_captions: bool = _field(
+        True, "CSV/TSV training tables: one record per image with all its captions, one "
+        "drawn per pass (default); false: one record per row, so a pass sees every "
+        "image-caption pair once, as open_clip's CsvDataset reads a table. TFRecords are "
+        "read as converted (`shards.convert_csv(group_by_image=...)`).")
     global_batch_size: int = _field(128, "Pairs per step across all replicas (negatives come "
                                          "from the whole global batch).")
     epochs: int = _field(3, "Passes over the training data (ignored if --steps > 0).")
@@ -144,7 +151,7 @@ class TrainConfig:
                 fail(name, "None or a number in [0, 1)")
         if self.epsilon is not None and (not is_number(self.epsilon) or not self.epsilon > 0):
             fail("epsilon", "None or a positive number")
-        for name in ("lock_image", "lock_text", "remat"):
+        for name in ("lock_image", "lock_text", "remat", "group_captions"):
             if not isinstance(getattr(self, name), bool):
                 fail(name, "a bool")
         for name, choices in (("precision", PRECISIONS), ("strategy", STRATEGIES),
@@ -160,6 +167,13 @@ class TrainConfig:
                 "`gradient_cache_chunks` must divide `global_batch_size`. "
                 f"Received: gradient_cache_chunks={self.gradient_cache_chunks}, "
                 f"global_batch_size={self.global_batch_size}"
+            )
+        if not self.group_captions and not self.train_data.endswith(TABLE_SUFFIXES):
+            raise ValueError(
+                "`group_captions=False` reads a CSV/TSV table one row per record; other "
+                "training data is read as written (convert a table with "
+                "`shards.convert_csv(..., group_by_image=False)` for one TFRecord per pair). "
+                f"Received: train_data={self.train_data!r}"
             )
         for name, lock in (("unlocked_image_blocks", self.lock_image),
                            ("unlocked_text_blocks", self.lock_text)):

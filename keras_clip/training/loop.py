@@ -143,8 +143,10 @@ def _prepare_demo_data(model_dir, config):
 
 
 def _resolve_spec(text, split, config):
-    """The parsed spec of a data string; `demo` becomes the generated files of `split`."""
-    spec = DataSpec.parse(text, image_root=config.image_root)
+    """The parsed spec of a data string; `demo` becomes the generated files of `split`.
+    `config.group_captions` applies to the training data (validation always groups)."""
+    group_by_image = config.group_captions if split == "train" else True
+    spec = DataSpec.parse(text, image_root=config.image_root, group_by_image=group_by_image)
     if spec.kind == "demo":
         spec = spec.demo_split(_prepare_demo_data(config.model_dir, config), split)
     return spec
@@ -301,8 +303,8 @@ def run_fingerprint(config, model, num_replicas):
     """What a checkpoint must match for this run to resume from it exactly.
 
     Architecture (the model's config without its name and dtype), precision,
-    global batch size, number of replicas, training data, its image root,
-    seed and shuffle buffer. Learning rate, schedule, step count and
+    global batch size, number of replicas, training data, its image root, its
+    caption grouping, seed and shuffle buffer. Learning rate, schedule, step count and
     checkpoint/log frequencies may change across a resume.
     """
     fingerprint = {f"model.{name}": value for name, value in model.get_config().items()
@@ -314,6 +316,8 @@ def run_fingerprint(config, model, num_replicas):
     )
     if config.train_data == "demo":
         fingerprint["demo_examples"] = config.demo_examples
+    if not config.group_captions:  # only then, so that older checkpoints still match
+        fingerprint["group_captions"] = False
     return fingerprint
 
 
