@@ -285,6 +285,37 @@ CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog
                    "ship", "truck"]
 
 
+def write_tiny_tfds(data_dir, features, splits):
+    """Prepares the TFDS dataset `tiny_captions` in `data_dir`, without registering it.
+
+    Args:
+        features: `{name: tfds feature}` of each example.
+        splits: `{split name: [(key, example dict), ...]}`.
+    """
+    import tensorflow_datasets as tfds
+
+    with tfds.core.registered.skip_registration():
+
+        class TinyCaptions(tfds.core.GeneratorBasedBuilder):
+            VERSION = tfds.core.Version("1.0.0")
+
+            @tfds.core.utils.classproperty
+            @classmethod
+            def code_path(cls):
+                return None  # Defined in a test: no code folder (and no checksums) to look up.
+
+            def _info(self):
+                return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(features))
+
+            def _split_generators(self, dl_manager):
+                return {split: self._generate_examples(examples) for split, examples in splits.items()}
+
+            def _generate_examples(self, examples):
+                yield from examples
+
+        TinyCaptions(data_dir=str(data_dir)).download_and_prepare()
+
+
 def _class_image(label, num_classes, rng, size, texture):
     """An RGB image whose hue, shape and position depend on `label`, over photo texture."""
     hue = label / num_classes

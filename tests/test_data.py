@@ -20,6 +20,7 @@ from keras_clip.preprocessing.image_preprocessor import OPENAI_MEAN
 from keras_clip.preprocessing.image_preprocessor import OPENAI_STD
 from keras_clip.preprocessing.image_preprocessor import CLIPImagePreprocessor
 from keras_clip.preprocessing.tokenizer import CLIPTokenizer
+from tests import harness
 
 NUM_IMAGES = 40
 IMAGE_SIZE = 32
@@ -429,34 +430,11 @@ def test_tfds_reader_reads_a_prepared_coco_like_dataset(
     names = names[:10]
     image_dir = flickr8k_dir / "images"
 
-    with tfds.core.registered.skip_registration():
-
-        class TinyCaptions(tfds.core.GeneratorBasedBuilder):
-            VERSION = tfds.core.Version("1.0.0")
-
-            @tfds.core.utils.classproperty
-            @classmethod
-            def code_path(cls):
-                return None  # Defined in a test: no code folder (and no checksums) to look up.
-
-            def _info(self):
-                return tfds.core.DatasetInfo(
-                    builder=self,
-                    features=tfds.features.FeaturesDict({
-                        "image": tfds.features.Image(encoding_format="jpeg"),
-                        "captions": tfds.features.Sequence({"text": tfds.features.Text()}),
-                    }),
-                )
-
-            def _split_generators(self, dl_manager):
-                return {"train": self._generate_examples()}
-
-            def _generate_examples(self):
-                for name in names:
-                    texts = [{"text": c} for c in captions[name]]
-                    yield name, {"image": str(image_dir / name), "captions": texts}
-
-        TinyCaptions(data_dir=str(tmp_path)).download_and_prepare()
+    harness.write_tiny_tfds(tmp_path, {
+        "image": tfds.features.Image(encoding_format="jpeg"),
+        "captions": tfds.features.Sequence({"text": tfds.features.Text()}),
+    }, {"train": [(name, {"image": str(image_dir / name), "captions": [{"text": c} for c in captions[name]]})
+                  for name in names]})
 
     result = _drain(pipeline.tfds_dataset(
         "tiny_captions", "train", data_dir=str(tmp_path), caption_key="captions/text", batch_size=4,

@@ -192,47 +192,19 @@ def test_table_count_reports_blank_captions_like_the_reader(tmp_path):
     assert count.problems == {"empty_captions": 6}
 
 
-def _tiny_tfds(data_dir, image_dir, names, captions):
+def test_tfds_count_reads_the_split_in_image_root_as_the_pipeline_does(tmp_path):
     import tensorflow_datasets as tfds
 
-    with tfds.core.registered.skip_registration():
-
-        class TinySpecCaptions(tfds.core.GeneratorBasedBuilder):
-            VERSION = tfds.core.Version("1.0.0")
-
-            @tfds.core.utils.classproperty
-            @classmethod
-            def code_path(cls):
-                return None  # Defined in a test: no code folder (and no checksums) to look up.
-
-            def _info(self):
-                return tfds.core.DatasetInfo(
-                    builder=self,
-                    features=tfds.features.FeaturesDict({
-                        "image": tfds.features.Image(encoding_format="jpeg"),
-                        "caption": tfds.features.Text(),
-                    }),
-                )
-
-            def _split_generators(self, dl_manager):
-                return {"train": self._generate_examples(names[:7]),
-                        "validation": self._generate_examples(names[7:])}
-
-            def _generate_examples(self, subset):
-                for name in subset:
-                    yield name, {"image": str(image_dir / name), "caption": captions[name]}
-
-        TinySpecCaptions(data_dir=str(data_dir)).download_and_prepare()
-
-
-def test_tfds_count_reads_the_split_in_image_root_as_the_pipeline_does(tmp_path):
     root = harness.write_flickr8k(tmp_path / "flickr", splits={"train": 10})
     names = sorted(os.listdir(root / "images"))
     captions = dict(zip(names, harness.captions(len(names), seed=4)))
-    _tiny_tfds(tmp_path / "tfds", root / "images", names, captions)
+    examples = [(name, {"image": str(root / "images" / name), "caption": captions[name]}) for name in names]
+    harness.write_tiny_tfds(tmp_path / "tfds", {
+        "image": tfds.features.Image(encoding_format="jpeg"), "caption": tfds.features.Text(),
+    }, {"train": examples[:7], "validation": examples[7:]})
 
-    for text, expected in (("tfds:tiny_spec_captions", 7), ("tfds:tiny_spec_captions/validation", 3),
-                           ("tfds:tiny_spec_captions/train[:4]", 4)):
+    for text, expected in (("tfds:tiny_captions", 7), ("tfds:tiny_captions/validation", 3),
+                           ("tfds:tiny_captions/train[:4]", 4)):
         spec = DataSpec.parse(text, image_root=str(tmp_path / "tfds"))
         yielded, counters = _one_pass(spec)
         assert spec.count_records() == RecordCount(expected, {}), text
