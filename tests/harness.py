@@ -45,7 +45,7 @@ TINY_VIT_P16 = dict(TINY_VIT, vision_patch_size=16)
 # Width 64 and 24 tokens: the training, resume and multi-worker tests' model.
 TINY_VIT_TRAIN = dict(TINY_VIT, vision_hidden_dim=64, text_hidden_dim=64, context_length=24)
 # A 500-token vocabulary and 12 tokens: the step and loss tests, with hand-made token ids.
-# (tests/scripts/step_equivalence.py runs alone in a subprocess and spells it out.)
+# (tests/scripts/step_common.py spells it out for the scripts run alone in subprocesses.)
 TINY_VIT_SMALL_VOCAB = dict(TINY_VIT_TRAIN, context_length=12, vocabulary_size=500, end_token_id=499)
 # keras_clip kwargs of `tests.reference_models.SMALL_VIT` / `SMALL_RESNET` (the open_clip
 # side): 64 px, width 128 text, OpenAI's head width of 64 where the format infers heads.
