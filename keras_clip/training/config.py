@@ -46,8 +46,10 @@ class TrainConfig:
     group_captions: bool = _field(
         True, "CSV/TSV training tables: one record per image with all its captions, one "
         "drawn per pass (default); false: one record per row, so a pass sees every "
-        "image-caption pair once, as open_clip's CsvDataset reads a table. TFRecords are "
-        "read as converted (`shards.convert_csv(group_by_image=...)`).")
+        "image-caption pair once, as open_clip's CsvDataset reads a table (a table sorted "
+        "by image then wants --shuffle_buffer of its row count: rows are shuffled as "
+        "indices, so that costs no image memory). TFRecords are read as converted "
+        "(`shards.convert_csv(group_by_image=...)`).")
     global_batch_size: int = _field(128, "Pairs per step across all replicas (negatives come "
                                          "from the whole global batch).")
     epochs: int = _field(3, "Passes over the training data (ignored if --steps > 0).")
