@@ -71,8 +71,9 @@ def test_valid_edge_values_pass():
 def test_every_field_has_its_help_text_once():
     fields = dataclasses.fields(TrainConfig)
     # 31 at 82f309b; the collectives probe moved to benchmarks/ (-1), optimizer recipe, betas,
-    # epsilon and weight-decay rule replaced decay_embeddings (+4); text_architecture (+1).
-    assert len(fields) == 35
+    # epsilon and weight-decay rule replaced decay_embeddings (+4); text_architecture (+1);
+    # group_captions (+1).
+    assert len(fields) == 36
     for field in fields:
         assert help_text(field.name) == field.metadata["help"]
         assert len(help_text(field.name)) > 10, field.name
