@@ -4,7 +4,7 @@ and/or bf16, then evaluates every model with the same keras_clip code.
     python benchmarks/train_vs_open_clip.py [--model tiny|issue14] [--steps N] [--batch_size B]
         [--seeds 0 1] [--precision float32 bf16] [--settings own matched]
         [--matched_recipe open_clip|paper] [--cifar_images 2000] [--cifar_templates simple|openai]
-        [--frameworks keras_clip open_clip] [--keras_data images|open_clip_rows]
+        [--frameworks keras_clip open_clip] [--keras_data images|pairs|open_clip_rows]
         [--reuse] [--out_dir /tmp/train_vs_open_clip]
 
 `--model` names the architecture with its run defaults (`MODELS`): `tiny` is keras_clip's
@@ -38,7 +38,9 @@ Training data: the 6,000 Flickr8k `train` images with their 5 captions each. ker
 reads a table of them (one caption drawn per image per epoch); open_clip reads a CSV that
 this script writes with exactly `steps * batch_size` rows (passes over the images, a
 different caption per pass), so that one open_clip epoch is the step budget.
-`--keras_data open_clip_rows` (an ablation of caption sampling and data order) gives
+`--keras_data pairs` has keras_clip read the same table one record per image-caption pair
+(`--group_captions=false`), every pair once per epoch, fully shuffled, as open_clip reads a
+CSV. `--keras_data open_clip_rows` (an ablation of caption sampling and data order) gives
 keras_clip open_clip's very rows for the same seed instead, one record per row, fully
 shuffled, one epoch. Evaluation,
 identical for both (the open_clip checkpoint is loaded into keras_clip, float32):
@@ -153,10 +155,12 @@ def parse_args(argv=None):
     parser.add_argument("--frameworks", nargs="+", choices=FRAMEWORKS, default=list(FRAMEWORKS))
     parser.add_argument("--keras_data", choices=KERAS_DATA, default="images",
                         help="what keras_clip trains on. images: its own reader's way, one record "
-                             "per image, one of its captions drawn per pass; open_clip_rows (an "
+                             "per image, one of its captions drawn per pass; pairs: its own reader, one "
+                             "record per image-caption pair (--group_captions=false), every pair once "
+                             "per epoch, fully shuffled; open_clip_rows (an "
                              "ablation of caption sampling and data order): the very rows of "
                              "open_clip's table for that seed, one record each, fully shuffled, one "
-                             "epoch (runs saved under keras_clip_open_clip_rows/)")
+                             "epoch (runs saved under keras_clip_<keras_data>/)")
     parser.add_argument("--warmup_skip", type=int, default=5,
                         help="first steps left out of pairs/second (at most a quarter of the steps)")
     parser.add_argument("--data_dir", default=str(DEFAULT_DATA_DIR),
@@ -241,7 +245,7 @@ RUN_KEYS = ("model", "steps", "batch_size", "image_size", "learning_rate", "warm
             "weight_decay", "matched_recipe", "cifar_images", "cifar_templates", "data_dir", "keras_data")
 # Keys added after runs were saved, with the value those runs had.
 _RUN_KEY_DEFAULTS = {"keras_data": "images"}
-KERAS_DATA = ("images", "open_clip_rows")
+KERAS_DATA = ("images", "pairs", "open_clip_rows")
 
 
 def _run_key(args):
@@ -408,16 +412,17 @@ def initial_model(args):
     return keras_clip.CLIP(**dict(spec["kwargs"], image_size=args.image_size))
 
 
-def train_keras_clip(args, run, table, image_dir, run_dir, shuffle_buffer=10_000):
+def train_keras_clip(args, run, table, image_dir, run_dir, shuffle_buffer=10_000, group_captions=True):
     """One keras_clip run in a fresh process (as open_clip's), so no torch is loaded in it."""
     start = time.perf_counter()
     with multiprocessing.get_context("spawn").Pool(1) as pool:
-        result = pool.apply(_train_keras_clip, (args, run, table, image_dir, run_dir, shuffle_buffer))
+        result = pool.apply(_train_keras_clip, (args, run, table, image_dir, run_dir, shuffle_buffer,
+                                                  group_captions))
     result["wall_seconds"] = time.perf_counter() - start  # process start-up included, as for open_clip
     return result
 
 
-def _train_keras_clip(args, run, table, image_dir, run_dir, shuffle_buffer):
+def _train_keras_clip(args, run, table, image_dir, run_dir, shuffle_buffer, group_captions):
     shutil.rmtree(run_dir, ignore_errors=True)  # run() would resume from old checkpoints
     os.makedirs(run_dir)
     # This process only trains: its output (progress bar, TF's logs) goes to the log.
@@ -440,6 +445,7 @@ def _train_keras_clip(args, run, table, image_dir, run_dir, shuffle_buffer):
         precision=PRECISIONS[run["precision"]][0], seed=run["seed"],
         model_dir=os.path.join(run_dir, "model"), checkpoint_every=args.steps, shuffle_buffer=shuffle_buffer,
         beta_1=beta_1, beta_2=beta_2, epsilon=epsilon, weight_decay_rule=rule,
+        group_captions=group_captions,
     )
     ends, losses = [], []
 
@@ -693,6 +699,11 @@ def main(argv=None):
         keras_seen = (f"the {len(train):,} Flickr8k train images, one of their 5 captions drawn per "
                       f"image per epoch, epochs of {steps_per_epoch} steps (reshuffled, last partial "
                       "batch dropped)")
+    elif args.keras_data == "pairs":
+        num_pairs = sum(len(captions) for _, captions in train)
+        keras_seen = (f"the {num_pairs:,} Flickr8k train image-caption pairs, one record each "
+                      f"(--group_captions=false), every pair once per epoch of "
+                      f"{num_pairs // args.batch_size} steps, fully shuffled")
     else:
         keras_seen = "open_clip's rows below for the same seed, one record each, fully shuffled, one epoch"
     print(f"Data seen: keras_clip: {keras_seen}. open_clip: a CSV of {pairs:,} rows written per seed "
@@ -742,6 +753,10 @@ def main(argv=None):
                             table, len(train), image_dir, os.path.join(args.out_dir, "rows_images"), rows_table)
                         trained = train_keras_clip(args, run, rows_table, os.path.join(args.out_dir, "rows_images"),
                                                    run_dir, shuffle_buffer=rows)
+                    elif framework == "keras_clip" and args.keras_data == "pairs":
+                        trained = train_keras_clip(args, run, keras_table, image_dir, run_dir,
+                                                   shuffle_buffer=sum(len(c) for _, c in train),
+                                                   group_captions=False)
                     elif framework == "keras_clip":
                         trained = train_keras_clip(args, run, keras_table, image_dir, run_dir)
                     else:
