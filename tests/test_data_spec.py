@@ -156,10 +156,14 @@ def test_ungrouped_table_trains_on_every_image_caption_pair_once_per_pass(tmp_pa
     spec = DataSpec.parse(table, image_root=str(root / "images"), group_by_image=False)
 
     counters = pipeline.PipelineCounters()
+    # A buffer of 1 would keep the table's order (sorted by image, so each batch one
+    # image's captions): tables are shuffled whole, whatever the buffer.
     dataset = spec.dataset(batch_size=4, image_size=IMAGE_SIZE, context_length=CONTEXT_LENGTH,
-                           training=True, seed=0, return_keys=True, counters=counters)
+                           training=True, seed=0, return_keys=True, counters=counters, shuffle_buffer=1)
     batches = [{name: value.numpy() for name, value in batch.items()} for batch in dataset]
     keys = [key.decode() for batch in batches for key in batch["keys"]]
+    table_order = [f"{os.path.splitext(row['image'])[0]}/{row['caption_idx']}" for row in rows]
+    assert keys != table_order
     tokens = np.concatenate([batch["token_ids"] for batch in batches])
 
     # 4 images x 5 captions: 20 records, each row exactly once, in shuffled order.

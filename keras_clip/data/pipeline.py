@@ -472,7 +472,9 @@ class ReaderOptions:
         seed: optional non-negative int. With a seed, record order, captions and
             crops are reproducible and the parallel maps are deterministic.
         shuffle_buffer: int, records in the shuffle buffer (encoded, so memory
-            is about `shuffle_buffer` times the mean file size).
+            is about `shuffle_buffer` times the mean file size). Tables
+            (`csv_dataset`) shuffle indices, so they always use at least the
+            whole table: every pass is a uniform permutation.
         input_context: optional `tf.distribute.InputContext`; the pipeline then
             reads its share (by file when there are at least
             `num_input_pipelines` files, else by element).
@@ -672,7 +674,11 @@ def csv_dataset(csv_path, image_root, options=None, table=None, **kwargs):
     captions and paths become graph constants, so this reader suits small sets
     (up to some hundred thousand rows); convert larger ones to TFRecords.
     Records are shuffled as indices, so files are only read after the shuffle
-    and `skip_records`. Sharding with `input_context` is always by element.
+    and `skip_records`, and the shuffle buffer is at least the whole table (each
+    training pass a uniform permutation, whatever `shuffle_buffer` says: a table
+    sorted by image and read one row per record would otherwise fill batches with
+    captions of the same images). Sharding with `input_context` is always by
+    element.
 
     Args:
         csv_path: path of a `.csv` or `.tsv` file with a header row.
@@ -715,6 +721,8 @@ def csv_dataset(csv_path, image_root, options=None, table=None, **kwargs):
         return tf.io.read_file(path_table[index]), captions, keys[index]
 
     source = tf.data.Dataset.range(len(records))
+    # An index and its element seed are 16 bytes: the whole table fits in the buffer.
+    options = ReaderOptions.of(options, shuffle_buffer=max(options.shuffle_buffer, len(records)))
     return _read(source, extract, options, True, f"{len(records)} records of {csv_path}")
 
 

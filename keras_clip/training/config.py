@@ -46,9 +46,8 @@ class TrainConfig:
     group_captions: bool = _field(
         True, "CSV/TSV training tables: one record per image with all its captions, one "
         "drawn per pass (default); false: one record per row, so a pass sees every "
-        "image-caption pair once, as open_clip's CsvDataset reads a table (a table sorted "
-        "by image then wants --shuffle_buffer of its row count: rows are shuffled as "
-        "indices, so that costs no image memory). TFRecords are read as converted "
+        "image-caption pair once, as open_clip's CsvDataset reads a table (tables are "
+        "shuffled whole, as indices, so a table sorted by image is fine). TFRecords are read as converted "
         "(`shards.convert_csv(group_by_image=...)`).")
     global_batch_size: int = _field(128, "Pairs per step across all replicas (negatives come "
                                          "from the whole global batch).")
@@ -82,7 +81,8 @@ class TrainConfig:
     checkpoint_every: int = _field(100, "Steps between checkpoints.")
     log_every: int = _field(10, "Steps between TensorBoard points.")
     demo_examples: int = _field(8000, "Size of the generated demo training set.")
-    shuffle_buffer: int = _field(2000, "Shuffle buffer (records).")
+    shuffle_buffer: int = _field(2000, "Shuffle buffer (records) of TFRecord and TFDS data; "
+                                       "CSV/TSV tables are shuffled whole (as indices).")
     max_train_seconds: float = _field(
         0.0, "Stop (with a checkpoint) after this many seconds on the chief's clock (every "
         "worker stops at the same step); 0: never.")
