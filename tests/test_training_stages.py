@@ -91,21 +91,31 @@ def test_set_up_keeps_image_root_with_a_table_spec(preset, tmp_path):
     assert (context.val_spec.kind, context.val_spec.image_root) == ("table", "/images")
 
 
-def test_group_captions_false_reads_the_training_table_by_row_and_is_in_the_fingerprint(preset, tmp_path):
+def test_training_tables_are_read_by_row_unless_group_captions_and_that_is_in_the_fingerprint(preset, tmp_path):
     root = harness.write_flickr8k(tmp_path / "flickr", splits={"train": 4})  # 4 images x 5 captions
     table, images = str(root / "captions.tsv"), str(root / "images")
-    grouped_config = _config(preset, table, tmp_path / "run", image_root=images, val_data=table)
-    rows_config = dataclasses.replace(grouped_config, group_captions=False)
-    grouped, rows = loop.set_up(grouped_config), loop.set_up(rows_config)
+    default_config = _config(preset, table, tmp_path / "run", image_root=images, val_data=table)
+    grouped_config = dataclasses.replace(default_config, group_captions=True)
+    rows_config = dataclasses.replace(default_config, group_captions=False)
+    default, grouped, rows = (loop.set_up(c) for c in (default_config, grouped_config, rows_config))
 
+    assert default_config.group_captions is None
     assert loop.plan_data(grouped) == loop.DataPlan(4, {}, 4 // BATCH, 3)
-    assert loop.plan_data(rows) == loop.DataPlan(20, {}, 20 // BATCH, 3)
-    assert not rows.train_spec.group_by_image and rows.val_spec.group_by_image  # evaluation groups
-    # A checkpoint of the grouped run does not resume the per-row run (positions differ).
+    assert loop.plan_data(rows) == loop.plan_data(default) == loop.DataPlan(20, {}, 20 // BATCH, 3)
+    assert not default.train_spec.group_by_image and default.val_spec.group_by_image  # evaluation groups
+    # A checkpoint of the grouped run does not resume the per-row run (positions differ);
+    # a grouped checkpoint has no `group_captions` key (as those written before the key).
     model = CLIP.from_preset(preset)
-    differences = fingerprint_differences(loop.run_fingerprint(grouped_config, model, 1),
-                                          loop.run_fingerprint(rows_config, model, 1))
+    fingerprints = [loop.run_fingerprint(c, model, 1) for c in (grouped_config, rows_config, default_config)]
+    assert "group_captions" not in fingerprints[0]
+    differences = fingerprint_differences(fingerprints[0], fingerprints[1])
     assert [(name, current) for name, _, current in differences] == [("group_captions", False)]
+    assert fingerprints[1] == fingerprints[2]
+    # Other data is read as stored: unset and true are fine, false is an error.
+    for value in (None, True):
+        shards = _config(preset, "shards/train-*.tfrecord", tmp_path / "shards_run", group_captions=value)
+        assert not shards.validate().reads_table_by_row()
+        assert "group_captions" not in loop.run_fingerprint(shards, model, 1)
     with pytest.raises(ValueError, match=r"^`group_captions=False` reads a CSV/TSV table"):
         loop.set_up(_config(preset, "demo", tmp_path / "demo_run", group_captions=False))
 

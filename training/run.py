@@ -22,10 +22,13 @@ from keras_clip.training.config import TrainConfig, help_text  # noqa: E402
 _DEFAULTS = TrainConfig()
 for field in dataclasses.fields(TrainConfig):
     default = getattr(_DEFAULTS, field.name)
-    if default is None:  # optional numbers (`float | None`): unset means "automatic"
-        if float not in typing.get_args(field.type):
+    if default is None:  # optional fields (`float | None`, `bool | None`): unset means "automatic"
+        if float in typing.get_args(field.type):
+            flags.DEFINE_float(field.name, None, help_text(field.name))
+        elif bool in typing.get_args(field.type):
+            flags.DEFINE_bool(field.name, None, help_text(field.name))
+        else:
             raise TypeError(f"No flag type for the optional field {field.name}: {field.type}")
-        flags.DEFINE_float(field.name, None, help_text(field.name))
     elif isinstance(default, bool) or field.type in ("bool",):
         flags.DEFINE_bool(field.name, default, help_text(field.name))
     elif isinstance(default, int):

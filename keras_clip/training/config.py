@@ -43,12 +43,13 @@ class TrainConfig:
     val_data: str = _field("demo", "Validation data in the same forms ('' for none; demo: the "
                                    "generated validation split).")
     image_root: str = _field("", "Folder of the CSV's image paths (or TFDS data_dir).")
-    group_captions: bool = _field(
-        True, "CSV/TSV training tables: one record per image with all its captions, one "
-        "drawn per pass (default); false: one record per row, so a pass sees every "
-        "image-caption pair once, as open_clip's CsvDataset reads a table (tables are "
-        "shuffled whole, as indices, so a table sorted by image is fine). TFRecords are read as converted "
-        "(`shards.convert_csv(group_by_image=...)`).")
+    group_captions: bool | None = _field(
+        None, "How a CSV/TSV training table becomes records. Unset (default) or false: one "
+        "record per row, so a pass sees every image-caption pair once, as open_clip's "
+        "CsvDataset reads a table (tables are shuffled whole, so a table sorted by image is "
+        "fine); true: one record per image with all its captions, one drawn per pass. "
+        "Other data is read as stored (false then is an error; `shards.convert_csv("
+        "group_by_image=...)` chooses for TFRecords).")
     global_batch_size: int = _field(128, "Pairs per step across all replicas (negatives come "
                                          "from the whole global batch).")
     epochs: int = _field(3, "Passes over the training data (ignored if --steps > 0).")
@@ -153,9 +154,11 @@ class TrainConfig:
                 fail(name, "None or a number in [0, 1)")
         if self.epsilon is not None and (not is_number(self.epsilon) or not self.epsilon > 0):
             fail("epsilon", "None or a positive number")
-        for name in ("lock_image", "lock_text", "remat", "group_captions"):
+        for name in ("lock_image", "lock_text", "remat"):
             if not isinstance(getattr(self, name), bool):
                 fail(name, "a bool")
+        if self.group_captions is not None and not isinstance(self.group_captions, bool):
+            fail("group_captions", "None or a bool")
         for name, choices in (("precision", PRECISIONS), ("strategy", STRATEGIES),
                               ("loss", LOSSES), ("optimizer_recipe", OPTIMIZER_RECIPES),
                               ("text_architecture", TEXT_ARCHITECTURES),
@@ -170,7 +173,7 @@ class TrainConfig:
                 f"Received: gradient_cache_chunks={self.gradient_cache_chunks}, "
                 f"global_batch_size={self.global_batch_size}"
             )
-        if not self.group_captions and not self.train_data.endswith(TABLE_SUFFIXES):
+        if self.group_captions is False and not self.train_data.endswith(TABLE_SUFFIXES):
             raise ValueError(
                 "`group_captions=False` reads a CSV/TSV table one row per record; other "
                 "training data is read as written (convert a table with "
@@ -182,3 +185,8 @@ class TrainConfig:
             if getattr(self, name) and not lock:
                 fail(name, f"0 unless its tower is locked (`lock_{name.split('_')[1]}`)")
         return self
+
+    def reads_table_by_row(self):
+        """Whether training reads a CSV/TSV table one record per row (image-caption
+        pair): `group_captions` unset or false on a table."""
+        return self.train_data.endswith(TABLE_SUFFIXES) and not self.group_captions

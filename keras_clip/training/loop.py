@@ -145,7 +145,7 @@ def _prepare_demo_data(model_dir, config):
 def _resolve_spec(text, split, config):
     """The parsed spec of a data string; `demo` becomes the generated files of `split`.
     `config.group_captions` applies to the training data (validation always groups)."""
-    group_by_image = config.group_captions if split == "train" else True
+    group_by_image = not (split == "train" and config.reads_table_by_row())
     spec = DataSpec.parse(text, image_root=config.image_root, group_by_image=group_by_image)
     if spec.kind == "demo":
         spec = spec.demo_split(_prepare_demo_data(config.model_dir, config), split)
@@ -316,7 +316,7 @@ def run_fingerprint(config, model, num_replicas):
     )
     if config.train_data == "demo":
         fingerprint["demo_examples"] = config.demo_examples
-    if not config.group_captions:  # only then, so that older checkpoints still match
+    if config.reads_table_by_row():  # only then, so that grouped checkpoints still match
         fingerprint["group_captions"] = False
     return fingerprint
 
