@@ -79,6 +79,9 @@ def main():
             f"--image_root={flickr_dir}/images", f"--global_batch_size={args.batch_size}",
             f"--steps={args.steps}", f"--warmup_steps={args.warmup_steps}",
             f"--learning_rate={args.learning_rate}", f"--checkpoint_every={args.steps}",
+            # One record per image, as when the published figures were made (before
+            # tables were read one record per pair by default).
+            "--group_captions=true",
             "--seed=0", f"--model_dir={run_dir}/model", *VARIANTS[name],
         ], os.path.join(run_dir, "train.log"))
         with open(os.path.join(run_dir, "model", "summary.json")) as f:
