@@ -32,8 +32,9 @@ between evaluation points).
 Datasets: `demo` trains on the generated demo captions (written once into
 `<cache_dir>/demo_train_<N>_<seed>`) and evaluates on the demo's 12 held-out
 colour-shape classes with `DEMO_TEMPLATES`; `flickr8k` trains on the Flickr8k
-train split of `<data_dir>/flickr8k/captions.tsv` (the trainer's table reader,
-one of each image's 5 captions drawn per pass) and evaluates on CIFAR-10 test
+train split of `<data_dir>/flickr8k/captions.tsv` (the table reader grouped by
+image, one of each image's 5 captions drawn per pass, as the trainer's
+`--group_captions=true`; its figures were made so) and evaluates on CIFAR-10 test
 images (`<data_dir>/cifar10_test`) with the 18 CIFAR-10 templates.
 
 Budget. Measured on this 2-core machine (batch 64, median of 10 steps, `nice -n 19`,
@@ -474,8 +475,9 @@ def demo_training_spec(cache_dir, num_examples, seed=0):
 
 
 def flickr8k_training_spec(data_dir):
-    """The Flickr8k train split of `<data_dir>/flickr8k/captions.tsv` (the trainer's
-    table reader: rows grouped by image, one caption drawn per pass)."""
+    """The Flickr8k train split of `<data_dir>/flickr8k/captions.tsv` (the table
+    reader with rows grouped by image, one caption drawn per pass: the trainer's
+    `--group_captions=true`)."""
     from keras_clip.data.spec import DataSpec
 
     flickr = os.path.join(data_dir, "flickr8k")
