@@ -4,7 +4,7 @@ and/or bf16, then evaluates every model with the same keras_clip code.
     python benchmarks/train_vs_open_clip.py [--model tiny|issue14] [--steps N] [--batch_size B]
         [--seeds 0 1] [--precision float32 bf16] [--settings own matched]
         [--matched_recipe open_clip|paper] [--cifar_images 2000] [--cifar_templates simple|openai]
-        [--frameworks keras_clip open_clip] [--keras_data images|pairs|open_clip_rows]
+        [--frameworks keras_clip open_clip] [--keras_data pairs|images|open_clip_rows]
         [--reuse] [--out_dir /tmp/train_vs_open_clip]
 
 `--model` names the architecture with its run defaults (`MODELS`): `tiny` is keras_clip's
@@ -35,12 +35,12 @@ DataLoader with one worker process). Keras' Adam adds epsilon to sqrt(v) before 
 correction, torch's after (docs/bf16_training_quality.md).
 
 Training data: the 6,000 Flickr8k `train` images with their 5 captions each. keras_clip
-reads a table of them (one caption drawn per image per epoch); open_clip reads a CSV that
-this script writes with exactly `steps * batch_size` rows (passes over the images, a
-different caption per pass), so that one open_clip epoch is the step budget.
-`--keras_data pairs` has keras_clip read the same table one record per image-caption pair
-(`--group_captions=false`), every pair once per epoch, fully shuffled, as open_clip reads a
-CSV. `--keras_data open_clip_rows` (an ablation of caption sampling and data order) gives
+reads a table of them (`--keras_data`): `pairs` (default, keras_clip's default reading)
+one record per image-caption pair, every pair once per epoch, fully shuffled; `images`
+(`--group_captions=true`, keras_clip's default before issue 14) one record per image, one
+caption drawn per image per epoch. open_clip reads a CSV that this script writes with
+exactly `steps * batch_size` rows (passes over the images, a different caption per pass),
+so that one open_clip epoch is the step budget. `--keras_data open_clip_rows` (an ablation of caption sampling and data order) gives
 keras_clip open_clip's very rows for the same seed instead, one record per row, fully
 shuffled, one epoch. Evaluation,
 identical for both (the open_clip checkpoint is loaded into keras_clip, float32):
@@ -153,14 +153,15 @@ def parse_args(argv=None):
     parser.add_argument("--cifar_templates", choices=("simple", "openai"), default="simple",
                         help="simple: 4 templates (SIMPLE_TEMPLATES); openai: OpenAI's 18")
     parser.add_argument("--frameworks", nargs="+", choices=FRAMEWORKS, default=list(FRAMEWORKS))
-    parser.add_argument("--keras_data", choices=KERAS_DATA, default="images",
-                        help="what keras_clip trains on. images: its own reader's way, one record "
-                             "per image, one of its captions drawn per pass; pairs: its own reader, one "
-                             "record per image-caption pair (--group_captions=false), every pair once "
-                             "per epoch, fully shuffled; open_clip_rows (an "
-                             "ablation of caption sampling and data order): the very rows of "
-                             "open_clip's table for that seed, one record each, fully shuffled, one "
-                             "epoch (runs saved under keras_clip_<keras_data>/)")
+    parser.add_argument("--keras_data", choices=KERAS_DATA, default="pairs",
+                        help="what keras_clip trains on. pairs (keras_clip's default reading): "
+                             "one record per image-caption pair, every pair once per epoch, fully "
+                             "shuffled; images (--group_captions=true, the default before issue "
+                             "14): one record per image, one of its captions drawn per pass; "
+                             "open_clip_rows (an ablation of caption sampling and data order): the "
+                             "very rows of open_clip's table for that seed, one record each, fully "
+                             "shuffled, one epoch (runs saved under keras_clip_<keras_data>/; images "
+                             "under keras_clip/)")
     parser.add_argument("--warmup_skip", type=int, default=5,
                         help="first steps left out of pairs/second (at most a quarter of the steps)")
     parser.add_argument("--data_dir", default=str(DEFAULT_DATA_DIR),
