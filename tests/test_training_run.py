@@ -51,6 +51,11 @@ def test_short_training_run_on_flickr8k_lowers_the_loss(tiny_preset, flickr_tsv,
         preset=tiny_preset, train_data=flickr_tsv, val_data=flickr_tsv,
         image_root=str(flickr8k_dir / "images"), global_batch_size=16, steps=36,
         learning_rate=2e-3, warmup_steps=3, model_dir=str(tmp_path / "run"), checkpoint_every=12,
+        # One record per image (9 passes in 36 steps). Read one record per pair (the
+        # default), the run passed on the real photos (2026-12-01) but on the default
+        # tier's made-up Flickr8k it stayed near chance (last 6 steps 2.72, ln 16 = 2.77):
+        # not understood yet, see the README's issue-14 section.
+        group_captions=True,
     )
     summary = run(config)
     losses = summary["loss_history"]
