@@ -40,9 +40,9 @@ one record per image-caption pair, every pair once per epoch, fully shuffled; `i
 (`--group_captions=true`, keras_clip's default before issue 14) one record per image, one
 caption drawn per image per epoch. open_clip reads a CSV that this script writes with
 exactly `steps * batch_size` rows (passes over the images, a different caption per pass),
-so that one open_clip epoch is the step budget. `--keras_data open_clip_rows` (an ablation of caption sampling and data order) gives
-keras_clip open_clip's very rows for the same seed instead, one record per row, fully
-shuffled, one epoch. Evaluation,
+so that one open_clip epoch is the step budget. `--keras_data open_clip_rows` (an
+ablation of caption sampling and data order) gives keras_clip open_clip's very rows for
+the same seed instead, one record per row, fully shuffled, one epoch. Evaluation,
 identical for both (the open_clip checkpoint is loaded into keras_clip, float32):
 recall@1/5/10 both ways on the 1,000 Flickr8k test images and their 5,000 captions, and
 zero-shot top-1 on `--cifar_images` CIFAR-10 test images (the seeded subset that
@@ -413,17 +413,17 @@ def initial_model(args):
     return keras_clip.CLIP(**dict(spec["kwargs"], image_size=args.image_size))
 
 
-def train_keras_clip(args, run, table, image_dir, run_dir, shuffle_buffer=10_000, group_captions=True):
-    """One keras_clip run in a fresh process (as open_clip's), so no torch is loaded in it."""
+def train_keras_clip(args, run, table, image_dir, run_dir, group_captions=True):
+    """One keras_clip run in a fresh process (as open_clip's), so no torch is loaded in it.
+    keras_clip shuffles a table whole every pass, so no shuffle buffer is set."""
     start = time.perf_counter()
     with multiprocessing.get_context("spawn").Pool(1) as pool:
-        result = pool.apply(_train_keras_clip, (args, run, table, image_dir, run_dir, shuffle_buffer,
-                                                  group_captions))
+        result = pool.apply(_train_keras_clip, (args, run, table, image_dir, run_dir, group_captions))
     result["wall_seconds"] = time.perf_counter() - start  # process start-up included, as for open_clip
     return result
 
 
-def _train_keras_clip(args, run, table, image_dir, run_dir, shuffle_buffer, group_captions):
+def _train_keras_clip(args, run, table, image_dir, run_dir, group_captions):
     shutil.rmtree(run_dir, ignore_errors=True)  # run() would resume from old checkpoints
     os.makedirs(run_dir)
     # This process only trains: its output (progress bar, TF's logs) goes to the log.
@@ -444,7 +444,7 @@ def _train_keras_clip(args, run, table, image_dir, run_dir, shuffle_buffer, grou
         global_batch_size=args.batch_size, steps=args.steps, learning_rate=args.learning_rate,
         warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
         precision=PRECISIONS[run["precision"]][0], seed=run["seed"],
-        model_dir=os.path.join(run_dir, "model"), checkpoint_every=args.steps, shuffle_buffer=shuffle_buffer,
+        model_dir=os.path.join(run_dir, "model"), checkpoint_every=args.steps,
         beta_1=beta_1, beta_2=beta_2, epsilon=epsilon, weight_decay_rule=rule,
         group_captions=group_captions,
     )
@@ -750,13 +750,12 @@ def main(argv=None):
                     if framework == "keras_clip" and args.keras_data == "open_clip_rows":
                         write_open_clip_table(train, image_dir, pairs, seed, table)
                         rows_table = os.path.join(args.out_dir, f"train_keras_clip_rows_seed_{seed}.tsv")
-                        rows = write_keras_clip_rows_table(
+                        write_keras_clip_rows_table(
                             table, len(train), image_dir, os.path.join(args.out_dir, "rows_images"), rows_table)
                         trained = train_keras_clip(args, run, rows_table, os.path.join(args.out_dir, "rows_images"),
-                                                   run_dir, shuffle_buffer=rows)
+                                                   run_dir)
                     elif framework == "keras_clip" and args.keras_data == "pairs":
                         trained = train_keras_clip(args, run, keras_table, image_dir, run_dir,
-                                                   shuffle_buffer=sum(len(c) for _, c in train),
                                                    group_captions=False)
                     elif framework == "keras_clip":
                         trained = train_keras_clip(args, run, keras_table, image_dir, run_dir)
