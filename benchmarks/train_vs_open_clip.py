@@ -5,7 +5,7 @@ and/or bf16, then evaluates every model with the same keras_clip code.
         [--seeds 0 1] [--precision float32 bf16] [--settings own matched]
         [--matched_recipe open_clip|paper] [--cifar_images 2000] [--cifar_templates simple|openai]
         [--frameworks keras_clip open_clip] [--keras_data pairs|images|open_clip_rows]
-        [--reuse] [--out_dir /tmp/train_vs_open_clip]
+        [--reuse] [--checkpoint_every 50] [--out_dir /tmp/train_vs_open_clip]
 
 `--model` names the architecture with its run defaults (`MODELS`): `tiny` is keras_clip's
 `clip_vit_tiny` at 64 px (120 steps x 64, lr 1e-3, decay 0.1: a check that nothing is
@@ -67,6 +67,10 @@ Measured on the 2-core development machine (README, "Training benchmark against
 open_clip's trainer"): `--model tiny --steps 1000` at commit e1e9438 (67.0 min): keras_clip
 had the lower loss and the better CIFAR-10 zero-shot, the recall figures split within the
 seed-to-seed spread. `--model issue14`: docs/bf16_training_quality.md.
+
+A keras_clip run that is interrupted (the machine's session ends, the process is
+killed) resumes from its last checkpoint (`--checkpoint_every`) when the same command is
+run again; the resume is exact, only its timing has a gap (`train_keras_clip`).
 
 Temporary tables, logs, checkpoints and `results.json` go to `--out_dir` (outside the
 repository by default: Flickr8k's captions must not be published).
@@ -171,6 +175,10 @@ def parse_args(argv=None):
                              "result.json written by an earlier invocation with the same run "
                              "arguments (RUN_KEYS) instead of training it again, so the runs of a "
                              "full comparison can be spread over several sittings")
+    parser.add_argument("--checkpoint_every", type=int, default=50,
+                        help="keras_clip runs checkpoint every N steps; a run interrupted (killed, "
+                             "machine stopped) resumes from its last checkpoint when started again "
+                             "with the same arguments, exactly (see train_keras_clip)")
     parser.add_argument("--out_dir", default=os.path.join(tempfile.gettempdir(), "train_vs_open_clip"))
     args = parser.parse_args(argv)
     model = MODELS[args.model]
@@ -217,7 +225,7 @@ def throughput(step_seconds, batch_size, skip):
 
     The median-step figure is less sensitive to other jobs taking the cores for a while.
     """
-    timed = step_seconds[skip:]
+    timed = [x for x in step_seconds[skip:] if x is not None]  # None: a resumed process's first step
     return len(timed) * batch_size / max(sum(timed), 1e-9), batch_size / max(float(np.median(timed)), 1e-9)
 
 
@@ -415,7 +423,16 @@ def initial_model(args):
 
 def train_keras_clip(args, run, table, image_dir, run_dir, group_captions=True):
     """One keras_clip run in a fresh process (as open_clip's), so no torch is loaded in it.
-    keras_clip shuffles a table whole every pass, so no shuffle buffer is set."""
+    keras_clip shuffles a table whole every pass, so no shuffle buffer is set.
+
+    The run checkpoints every `--checkpoint_every` steps and logs each step's loss and time
+    to `run_dir/steps.jsonl`. A run that was interrupted (no result.json) resumes from its
+    last checkpoint when it was started with the same arguments (`run_dir/run_key.json`);
+    keras_clip's resume is exact (tests/test_training_run.py), so the trained model and the
+    losses are those of an uninterrupted run. Only the timing has gaps: the first step of
+    each process is left out of the step times (None), and `wall_seconds` is the last
+    process's. Otherwise the run starts afresh.
+    """
     start = time.perf_counter()
     with multiprocessing.get_context("spawn").Pool(1) as pool:
         result = pool.apply(_train_keras_clip, (args, run, table, image_dir, run_dir, group_captions))
@@ -423,11 +440,44 @@ def train_keras_clip(args, run, table, image_dir, run_dir, group_captions=True):
     return result
 
 
+def _keras_run_key(args, run, table, group_captions):
+    return {**_run_key(args), **run, "table": os.path.abspath(table), "group_captions": group_captions,
+            "checkpoint_every": args.checkpoint_every}
+
+
+def _resumable(run_dir, key):
+    """True when `run_dir` holds an interrupted run started with `key`."""
+    path = os.path.join(run_dir, "run_key.json")
+    if not os.path.exists(path) or os.path.exists(os.path.join(run_dir, "result.json")):
+        return False
+    with open(path) as f:
+        return json.load(f) == key and os.path.isdir(os.path.join(run_dir, "model", "checkpoints"))
+
+
+def read_step_log(path):
+    """`steps.jsonl` -> `(losses, step_seconds, process_starts)` by step: a step logged twice
+    (redone after a resume) keeps its last entry."""
+    steps = {}
+    with open(path) as f:
+        for line in f:
+            with contextlib.suppress(json.JSONDecodeError):  # a line cut by a kill
+                entry = json.loads(line)
+                steps[entry["step"]] = entry
+    ordered = [steps[k] for k in sorted(steps)]
+    starts = [entry["step"] for entry in ordered if entry["seconds"] is None]
+    return [e["loss"] for e in ordered], [e["seconds"] for e in ordered], starts
+
+
 def _train_keras_clip(args, run, table, image_dir, run_dir, group_captions):
-    shutil.rmtree(run_dir, ignore_errors=True)  # run() would resume from old checkpoints
-    os.makedirs(run_dir)
+    key = _keras_run_key(args, run, table, group_captions)
+    resuming = _resumable(run_dir, key)
+    if not resuming:
+        shutil.rmtree(run_dir, ignore_errors=True)  # run() would resume from old checkpoints
+        os.makedirs(run_dir)
+        with open(os.path.join(run_dir, "run_key.json"), "w") as f:
+            json.dump(key, f, indent=1)
     # This process only trains: its output (progress bar, TF's logs) goes to the log.
-    log = open(os.path.join(run_dir, "train.log"), "w")
+    log = open(os.path.join(run_dir, "train.log"), "a" if resuming else "w")
     sys.stdout.flush(), sys.stderr.flush()
     os.dup2(log.fileno(), 1), os.dup2(log.fileno(), 2)
 
@@ -435,33 +485,45 @@ def _train_keras_clip(args, run, table, image_dir, run_dir, group_captions):
 
     from keras_clip import training
 
-    keras.utils.set_random_seed(run["seed"])  # the initial weights, as run() would draw them
     preset = os.path.join(run_dir, "initial_preset")
-    initial_model(args).save_to_preset(preset)
+    if not resuming:
+        keras.utils.set_random_seed(run["seed"])  # the initial weights, as run() would draw them
+        initial_model(args).save_to_preset(preset)
+    else:
+        print(f"Resuming the interrupted run in {run_dir}", flush=True)
     beta_1, beta_2, epsilon, rule = optimizer_settings("keras_clip", run["settings"], args.matched_recipe)
     config = training.TrainConfig(
         preset=preset, train_data=table, val_data="", image_root=image_dir,
         global_batch_size=args.batch_size, steps=args.steps, learning_rate=args.learning_rate,
         warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
         precision=PRECISIONS[run["precision"]][0], seed=run["seed"],
-        model_dir=os.path.join(run_dir, "model"), checkpoint_every=args.steps,
+        model_dir=os.path.join(run_dir, "model"), checkpoint_every=args.checkpoint_every,
         beta_1=beta_1, beta_2=beta_2, epsilon=epsilon, weight_decay_rule=rule,
         group_captions=group_captions,
     )
-    ends, losses = [], []
+    step_log = os.path.join(run_dir, "steps.jsonl")
+    last_end = [None]
 
+    # Step k's duration: from the end of step k-1 (data wait included), as open_clip's
+    # "Batch (t)"; the first step of a process (tracing) is timed by the library.
     def on_step(step, logs):
-        ends.append(time.perf_counter())
-        losses.append(float(logs["loss"]))
+        now = time.perf_counter()
+        seconds = None if last_end[0] is None else now - last_end[0]
+        last_end[0] = now
+        with open(step_log, "a") as f:  # before the step's checkpoint is written
+            f.write(json.dumps({"step": step, "loss": float(logs["loss"]), "seconds": seconds}) + "\n")
 
     summary = training.run(config, step_callback=on_step)
     sys.stdout.flush(), sys.stderr.flush()
-    # Step k's duration: from the end of step k-1 (data wait included), as open_clip's
-    # "Batch (t)". Step 1 (tracing) as the library timed it.
-    first = summary["first_step_seconds"]
+    losses, step_seconds, starts = read_step_log(step_log)
+    if len(losses) != args.steps:
+        raise RuntimeError(f"{step_log} has {len(losses)} steps, expected {args.steps}")
+    if starts == [1]:  # never interrupted: step 1 as the library timed it
+        step_seconds[0] = summary["first_step_seconds"]
     return {
-        "step_seconds": [first] + np.diff(ends).tolist(),
+        "step_seconds": step_seconds,
         "losses": losses,
+        "resumed_at_steps": starts[1:],
         "library_samples_per_second": summary["samples_per_second"],
         "model_path": os.path.join(config.model_dir, "preset"),
     }
@@ -778,12 +840,13 @@ def main(argv=None):
                     result = {
                         "framework": framework, **run, "keras_data": args.keras_data,
                         "pairs_per_second": pairs_per_second, "median_pairs_per_second": median,
-                        "train_seconds": float(sum(trained["step_seconds"])),
+                        "train_seconds": float(sum(x for x in trained["step_seconds"] if x is not None)),
                         "wall_seconds": trained["wall_seconds"],
                         "final_loss": float(np.mean(trained["losses"][-10:])),
                         **metrics,
                         "eval_seconds": time.perf_counter() - start,
-                        "losses": trained["losses"], "step_seconds": [float(x) for x in trained["step_seconds"]],
+                        "losses": trained["losses"], "step_seconds": [None if x is None else float(x) for x in trained["step_seconds"]],
+                        "resumed_at_steps": trained.get("resumed_at_steps", []),
                     }
                     results.append(result)
                     write_result(args, run_dir, result)

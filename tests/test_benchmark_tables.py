@@ -108,3 +108,25 @@ def test_heldout_contrastive_loss_matches_open_clips_loss():
     np.testing.assert_allclose(got, np.mean(expected), rtol=1e-12)
     # Perfectly matched pairs at a large scale: loss near 0; shuffled pairs: near log(batch).
     assert bench.heldout_contrastive_loss(images, np.repeat(images, per_image, 0), text_to_image, 100.0, batch) < 0.05
+
+
+def test_step_log_of_a_resumed_run_keeps_each_steps_last_entry_and_leaves_out_process_starts(tmp_path):
+    """A keras_clip run killed after its step-4 checkpoint, with steps 5-6 logged, then
+    resumed from step 4: steps 5-6 are redone and their new entries count; each process's
+    first step has no duration and is left out of pairs/second."""
+    bench = _benchmark()
+    path = tmp_path / "steps.jsonl"
+    first = [(1, 3.0, None), (2, 2.5, 1.0), (3, 2.4, 1.1), (4, 2.3, 0.9), (5, 2.2, 1.0), (6, 2.1, 1.2)]
+    second = [(5, 2.25, None), (6, 2.15, 2.0), (7, 2.0, 2.0), (8, 1.9, 4.0)]
+    with open(path, "w") as f:
+        for step, loss, seconds in first + second:
+            f.write(f'{{"step": {step}, "loss": {loss}, "seconds": {"null" if seconds is None else seconds}}}\n')
+        f.write('{"step": 9, "loss": 1.')  # a line cut by the kill
+    losses, seconds, starts = bench.read_step_log(str(path))
+    assert losses == [3.0, 2.5, 2.4, 2.3, 2.25, 2.15, 2.0, 1.9]
+    assert seconds == [None, 1.0, 1.1, 0.9, None, 2.0, 2.0, 4.0]
+    assert starts == [1, 5]
+    # Steps 2-8 after skipping one, step 5 untimed: 6 steps of batch 10 in 11.0 s; the
+    # median step (1.1 + 2.0) / 2.
+    overall, median = bench.throughput(seconds, batch_size=10, skip=1)
+    np.testing.assert_allclose([overall, median], [60 / 11.0, 10 / 1.55])
