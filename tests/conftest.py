@@ -55,6 +55,12 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
+def real_data(request):
+    """True in the real-data tier (the data fixtures are the real datasets)."""
+    return _real_data_dir(request.config) is not None
+
+
+@pytest.fixture(scope="session")
 def data_root(request, tmp_path_factory):
     """The folder holding flickr8k/, cifar10_test/ and mnist_test/ for this tier."""
     real = _real_data_dir(request.config)
