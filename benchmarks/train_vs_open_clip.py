@@ -78,6 +78,7 @@ repository by default: Flickr8k's captions must not be published).
 import argparse
 import contextlib
 import csv
+import hashlib
 import importlib.metadata
 import json
 import math
@@ -429,35 +430,57 @@ def train_keras_clip(args, run, table, image_dir, run_dir, group_captions=True):
     to `run_dir/steps.jsonl`. A run that was interrupted (no result.json) resumes from its
     last checkpoint when it was started with the same arguments (`run_dir/run_key.json`);
     keras_clip's resume is exact (tests/test_training_run.py), so the trained model and the
-    losses are those of an uninterrupted run. Only the timing has gaps: the first step of
-    each process is left out of the step times (None), and `wall_seconds` is the last
-    process's. Otherwise the run starts afresh.
+    losses are those of an uninterrupted run. The key holds the benchmark's arguments and a
+    hash of keras_clip's code (`code_hash`): `training.run` itself refuses a checkpoint of
+    another model or data reading, but not of another learning rate or optimizer setting.
+    Only the timing has gaps: the first step of each process is left out of the step times
+    (None), and `wall_seconds` is NaN. Otherwise the run starts afresh.
     """
     start = time.perf_counter()
     with multiprocessing.get_context("spawn").Pool(1) as pool:
         result = pool.apply(_train_keras_clip, (args, run, table, image_dir, run_dir, group_captions))
-    result["wall_seconds"] = time.perf_counter() - start  # process start-up included, as for open_clip
+    # Process start-up included, as for open_clip; unknown across processes.
+    result["wall_seconds"] = float("nan") if result["resumed"] else time.perf_counter() - start
     return result
+
+
+def code_hash():
+    """sha256 of keras_clip's sources and this script: a resume needs the same code."""
+    digest = hashlib.sha256()
+    for path in sorted((ROOT / "keras_clip").rglob("*.py")) + [pathlib.Path(__file__).resolve()]:
+        digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
 
 
 def _keras_run_key(args, run, table, group_captions):
     return {**_run_key(args), **run, "table": os.path.abspath(table), "group_captions": group_captions,
-            "checkpoint_every": args.checkpoint_every}
+            "checkpoint_every": args.checkpoint_every, "code_hash": code_hash()}
 
 
 def _resumable(run_dir, key):
-    """True when `run_dir` holds an interrupted run started with `key`."""
+    """True when `run_dir` holds an interrupted run started with `key` whose step log
+    covers every step up to its newest checkpoint."""
     path = os.path.join(run_dir, "run_key.json")
     if not os.path.exists(path) or os.path.exists(os.path.join(run_dir, "result.json")):
         return False
     with open(path) as f:
-        return json.load(f) == key and os.path.isdir(os.path.join(run_dir, "model", "checkpoints"))
+        if json.load(f) != key:
+            return False
+    folder = os.path.join(run_dir, "model", "checkpoints")
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    checkpoints = [int(m.group(1)) for m in (re.fullmatch(r"ckpt-(\d+)\.index", n) for n in names) if m]
+    if not checkpoints:
+        return False
+    steps = read_step_log(os.path.join(run_dir, "steps.jsonl"))[3]
+    return set(range(1, max(checkpoints) + 1)) <= set(steps)
 
 
 def read_step_log(path):
-    """`steps.jsonl` -> `(losses, step_seconds, process_starts)` by step: a step logged twice
-    (redone after a resume) keeps its last entry."""
+    """`steps.jsonl` -> `(losses, step_seconds, process_starts, steps)` in step order: a step
+    logged twice (redone after a resume) keeps its last entry."""
     steps = {}
+    if not os.path.exists(path):
+        return [], [], [], []
     with open(path) as f:
         for line in f:
             with contextlib.suppress(json.JSONDecodeError):  # a line cut by a kill
@@ -465,7 +488,7 @@ def read_step_log(path):
                 steps[entry["step"]] = entry
     ordered = [steps[k] for k in sorted(steps)]
     starts = [entry["step"] for entry in ordered if entry["seconds"] is None]
-    return [e["loss"] for e in ordered], [e["seconds"] for e in ordered], starts
+    return [e["loss"] for e in ordered], [e["seconds"] for e in ordered], starts, sorted(steps)
 
 
 def _train_keras_clip(args, run, table, image_dir, run_dir, group_captions):
@@ -502,6 +525,9 @@ def _train_keras_clip(args, run, table, image_dir, run_dir, group_captions):
         group_captions=group_captions,
     )
     step_log = os.path.join(run_dir, "steps.jsonl")
+    if resuming:
+        with open(step_log, "a") as f:
+            f.write("\n")  # ends a line the kill may have cut
     last_end = [None]
 
     # Step k's duration: from the end of step k-1 (data wait included), as open_clip's
@@ -515,15 +541,17 @@ def _train_keras_clip(args, run, table, image_dir, run_dir, group_captions):
 
     summary = training.run(config, step_callback=on_step)
     sys.stdout.flush(), sys.stderr.flush()
-    losses, step_seconds, starts = read_step_log(step_log)
+    losses, step_seconds, starts, _ = read_step_log(step_log)
     if len(losses) != args.steps:
+        os.remove(os.path.join(run_dir, "run_key.json"))  # the next invocation starts afresh
         raise RuntimeError(f"{step_log} has {len(losses)} steps, expected {args.steps}")
-    if starts == [1]:  # never interrupted: step 1 as the library timed it
+    if not resuming:  # one process: step 1 as the library timed it
         step_seconds[0] = summary["first_step_seconds"]
     return {
         "step_seconds": step_seconds,
         "losses": losses,
-        "resumed_at_steps": starts[1:],
+        "resumed": resuming,
+        "resumed_at_steps": starts[1:] if resuming else [],
         "library_samples_per_second": summary["samples_per_second"],
         "model_path": os.path.join(config.model_dir, "preset"),
     }
@@ -846,7 +874,7 @@ def main(argv=None):
                         **metrics,
                         "eval_seconds": time.perf_counter() - start,
                         "losses": trained["losses"], "step_seconds": [None if x is None else float(x) for x in trained["step_seconds"]],
-                        "resumed_at_steps": trained.get("resumed_at_steps", []),
+                        "resumed_at_steps": trained.get("resumed_at_steps", []),  # keras_clip only
                     }
                     results.append(result)
                     write_result(args, run_dir, result)

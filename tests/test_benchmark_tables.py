@@ -7,6 +7,7 @@ on a synthetic set (no Flickr8k needed).
 """
 import csv
 import importlib.util
+import json
 import os
 import pathlib
 
@@ -118,11 +119,19 @@ def test_step_log_of_a_resumed_run_keeps_each_steps_last_entry_and_leaves_out_pr
     path = tmp_path / "steps.jsonl"
     first = [(1, 3.0, None), (2, 2.5, 1.0), (3, 2.4, 1.1), (4, 2.3, 0.9), (5, 2.2, 1.0), (6, 2.1, 1.2)]
     second = [(5, 2.25, None), (6, 2.15, 2.0), (7, 2.0, 2.0), (8, 1.9, 4.0)]
-    with open(path, "w") as f:
-        for step, loss, seconds in first + second:
-            f.write(f'{{"step": {step}, "loss": {loss}, "seconds": {"null" if seconds is None else seconds}}}\n')
-        f.write('{"step": 9, "loss": 1.')  # a line cut by the kill
-    losses, seconds, starts = bench.read_step_log(str(path))
+
+    def write(entries):
+        with open(path, "a") as f:
+            for step, loss, seconds in entries:
+                f.write(f'{{"step": {step}, "loss": {loss}, "seconds": {"null" if seconds is None else seconds}}}\n')
+
+    write(first)
+    with open(path, "a") as f:
+        f.write('{"step": 7, "loss": 2.')  # a line cut by the kill
+        f.write("\n")  # what the resumed process writes first
+    write(second)
+    losses, seconds, starts, steps = bench.read_step_log(str(path))
+    assert steps == list(range(1, 9))
     assert losses == [3.0, 2.5, 2.4, 2.3, 2.25, 2.15, 2.0, 1.9]
     assert seconds == [None, 1.0, 1.1, 0.9, None, 2.0, 2.0, 4.0]
     assert starts == [1, 5]
@@ -130,3 +139,22 @@ def test_step_log_of_a_resumed_run_keeps_each_steps_last_entry_and_leaves_out_pr
     # median step (1.1 + 2.0) / 2.
     overall, median = bench.throughput(seconds, batch_size=10, skip=1)
     np.testing.assert_allclose([overall, median], [60 / 11.0, 10 / 1.55])
+
+
+def test_interrupted_run_resumes_only_with_its_key_and_a_step_log_up_to_its_checkpoint(tmp_path):
+    bench = _benchmark()
+    run_dir = tmp_path / "seed_0"
+    (run_dir / "model" / "checkpoints").mkdir(parents=True)
+    key = {"model": "issue14", "seed": 0, "code_hash": bench.code_hash()}
+    (run_dir / "run_key.json").write_text(json.dumps(key))
+    (run_dir / "model" / "checkpoints" / "ckpt-4.index").write_bytes(b"")
+    log = "".join(json.dumps({"step": k, "loss": 1.0, "seconds": None if k == 1 else 1.0}) + "\n"
+                  for k in (1, 2, 4, 5))
+    (run_dir / "steps.jsonl").write_text(log)
+    assert not bench._resumable(str(run_dir), key)  # step 3 missing: start afresh
+    (run_dir / "steps.jsonl").write_text(log + json.dumps({"step": 3, "loss": 1.0, "seconds": 1.0}) + "\n")
+    assert bench._resumable(str(run_dir), key)
+    assert not bench._resumable(str(run_dir), dict(key, seed=1))
+    assert not bench._resumable(str(run_dir), dict(key, code_hash="0" * 64))  # other code
+    (run_dir / "result.json").write_text("{}")
+    assert not bench._resumable(str(run_dir), key)  # finished: --reuse takes it, or it reruns
