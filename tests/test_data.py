@@ -159,6 +159,39 @@ def test_convert_csv_groups_five_captions_and_counts_bad_rows(tmp_path, flickr8k
         assert record["jpg"][0] == (flickr8k_dir / "images" / name).read_bytes()
 
 
+def test_convert_csv_per_pair_writes_every_row_once_in_a_seeded_shuffled_order(tmp_path, flickr8k_dir,
+                                                                              flickr_subset):
+    _, rows, _ = flickr_subset
+    _write_tsv(tmp_path / "captions.tsv", rows)
+
+    def convert(folder, **kwargs):
+        counts = shards.convert_csv(str(tmp_path / "captions.tsv"), str(flickr8k_dir / "images"),
+                                    str(tmp_path / folder), group_by_image=False, examples_per_shard=64, **kwargs)
+        assert counts == {"rows": 200, "written": 200, "missing_images": 0, "empty_captions": 0, "shards": 4}
+        paths = sorted((tmp_path / folder).glob("*.tfrecord"))
+        return [p.read_bytes() for p in paths], _read_records(paths)
+
+    def neighbours_sharing_an_image(images):
+        return sum(a == b for a, b in zip(images, images[1:]))
+
+    table_pairs = [(os.path.splitext(r["image"])[0], r["caption"].strip().encode()) for r in rows]
+    table_neighbours = neighbours_sharing_an_image([image for image, _ in table_pairs])
+    assert table_neighbours == 160  # the table is sorted by image: 40 runs of 5
+
+    shuffled_bytes, shuffled = convert("shuffled")
+    pairs = [(r["key"][0].decode().split("/")[0], r["txt"][0]) for r in shuffled]
+    assert sorted(pairs) == sorted(table_pairs)  # every row once
+    assert all("txts" not in r for r in shuffled)  # one caption: read as `txt`, as img2dataset writes it
+    # A uniformly random order of 5 x 40 rows has 199 * 4 / 199 = 4 neighbouring rows
+    # sharing an image in expectation.
+    assert neighbours_sharing_an_image([image for image, _ in pairs]) <= 12
+
+    assert convert("again")[0] == shuffled_bytes  # the same seed writes the same shards
+    assert convert("other_seed", seed=1)[0] != shuffled_bytes
+    _, kept = convert("table_order", seed=None)
+    assert [(r["key"][0].decode().split("/")[0], r["txt"][0]) for r in kept] == table_pairs
+
+
 def test_convert_webdataset_reads_jpg_jpeg_and_png_samples(tmp_path, flickr8k_dir, flickr_subset):
     names = flickr_subset[0]
     jpeg = (flickr8k_dir / "images" / names[0]).read_bytes()
