@@ -11,7 +11,8 @@ pass a permutation of the images with one caption drawn per image (`group_captio
 It prints the share of rows repeating a pair already seen, per 12 steps, and how many
 steps before that pair was last seen. `--train` then trains the tests' tiny model with
 `tests/test_training_run.py`'s settings (batch 16, lr 2e-3, 3 warm-up steps) reading
-each way and prints the mean training loss per 12 steps. README, issue-14 section.
+each way and prints the mean training loss per 12 steps. docs/bf16_training_quality.md,
+"The runs, in order" (the small-table finding).
 """
 import argparse
 import csv

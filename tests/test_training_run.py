@@ -58,7 +58,7 @@ def test_short_training_run_on_flickr8k_lowers_the_loss(tiny_preset, flickr_tsv,
         # twice in the first 15 steps and then only about 14 steps later, and 36 steps
         # stayed near chance (2.72, ln 16 = 2.77); read per image (captions drawn with
         # replacement), a quarter of the rows in steps 1-12 repeat a pair, so the loss
-        # falls sooner (README, issue-14 section).
+        # falls sooner (docs/bf16_training_quality.md, "The runs, in order").
         group_captions=None if real_data else True,
     )
     summary = run(config)
