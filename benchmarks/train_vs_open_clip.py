@@ -551,7 +551,7 @@ def _train_keras_clip(args, run, table, image_dir, run_dir, group_captions):
         "step_seconds": step_seconds,
         "losses": losses,
         "resumed": resuming,
-        "resumed_at_steps": starts[1:] if resuming else [],
+        "resumed_at_steps": starts[1:],  # every process start after the first
         "library_samples_per_second": summary["samples_per_second"],
         "model_path": os.path.join(config.model_dir, "preset"),
     }
