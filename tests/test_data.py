@@ -174,12 +174,15 @@ def test_convert_csv_per_pair_writes_every_row_once_in_a_seeded_shuffled_order(t
     def neighbours_sharing_an_image(images):
         return sum(a == b for a, b in zip(images, images[1:]))
 
+    def pairs_of(records):  # per-pair keys are `<image stem>/<caption index>`
+        return [(r["key"][0].decode().split("/")[0], r["txt"][0]) for r in records]
+
     table_pairs = [(os.path.splitext(r["image"])[0], r["caption"].strip().encode()) for r in rows]
     table_neighbours = neighbours_sharing_an_image([image for image, _ in table_pairs])
     assert table_neighbours == 160  # the table is sorted by image: 40 runs of 5
 
     shuffled_bytes, shuffled = convert("shuffled")
-    pairs = [(r["key"][0].decode().split("/")[0], r["txt"][0]) for r in shuffled]
+    pairs = pairs_of(shuffled)
     assert sorted(pairs) == sorted(table_pairs)  # every row once
     assert all("txts" not in r for r in shuffled)  # one caption: read as `txt`, as img2dataset writes it
     # A uniformly random order of 5 x 40 rows has 199 * 4 / 199 = 4 neighbouring rows
@@ -189,7 +192,7 @@ def test_convert_csv_per_pair_writes_every_row_once_in_a_seeded_shuffled_order(t
     assert convert("again")[0] == shuffled_bytes  # the same seed writes the same shards
     assert convert("other_seed", seed=1)[0] != shuffled_bytes
     _, kept = convert("table_order", seed=None)
-    assert [(r["key"][0].decode().split("/")[0], r["txt"][0]) for r in kept] == table_pairs
+    assert pairs_of(kept) == table_pairs
 
 
 def test_convert_webdataset_reads_jpg_jpeg_and_png_samples(tmp_path, flickr8k_dir, flickr_subset):

@@ -290,8 +290,9 @@ def convert_csv(csv_path, image_root, output_dir, options=None, examples_per_sha
         `empty_captions` (blank captions skipped; a record with no caption left
         is not written), `shards`.
     """
-    records, counts = read_caption_table(csv_path, options, **fields)
-    if not TableOptions.of(options, **fields).group_by_image and seed is not None:
+    options = TableOptions.of(options, **fields)
+    records, counts = read_caption_table(csv_path, options)
+    if not options.group_by_image and seed is not None:
         random.Random(seed).shuffle(records)
     missing = []
 
