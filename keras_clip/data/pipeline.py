@@ -57,7 +57,7 @@ from keras_clip.preprocessing.image_preprocessor import OPENAI_MEAN
 from keras_clip.preprocessing.image_preprocessor import OPENAI_STD
 from keras_clip.preprocessing.image_preprocessor import CLIPImagePreprocessor
 from keras_clip.preprocessing.text_cleaning import blank_mask, is_blank
-from keras_clip.preprocessing.tokenizer import CLIPTokenizer
+from keras_clip.preprocessing.tokenizer import traced_tokenizer
 
 DEFAULT_SHUFFLE_BUFFER = 5000
 
@@ -299,7 +299,7 @@ def _build_pipeline(source, extract, options, batch_size, element_shards=(1, 0),
     in_order = dict(num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     preprocessor = CLIPImagePreprocessor(image_size=image_size, mean=options.mean, std=options.std,
                                          max_pixels=options.max_pixels, dtype="float32")
-    tokenizer = CLIPTokenizer(context_length=options.context_length)
+    tokenizer = traced_tokenizer(int(options.context_length))
 
     if training:
         element_seeds = tf.data.Dataset.random(

@@ -404,7 +404,9 @@ def make_train_function(model, strategy):
         `control`, so every worker takes the same decision at the same step.
     """
 
-    @tf.function
+    # Without AutoGraph: the step uses TensorFlow control flow explicitly, and
+    # converting it (and everything it calls) took seconds of every run's start.
+    @tf.function(autograph=False)
     def train_function(iterator, stop_flag):
         for tracker in model.metrics:
             tracker.reset_state()
