@@ -93,10 +93,13 @@ def test_killed_run_resumes_from_last_checkpoint_and_matches_uninterrupted_run(t
     steps = 24  # 15 steps per epoch: the resume lands mid-epoch and crosses an epoch
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
 
-    # Uninterrupted reference run.
+    # Uninterrupted reference run, in this process with training/run.py's settings and
+    # strategy (a third process would import TensorFlow and trace everything again).
     reference_dir = tmp_path / "reference"
-    subprocess.run(_run_command(tiny_preset, data, reference_dir, steps), env=env, check=True,
-                   capture_output=True, timeout=600)
+    run(TrainConfig(preset=tiny_preset, train_data=data, val_data="", model_dir=str(reference_dir),
+                    steps=steps, global_batch_size=8, checkpoint_every=3, shuffle_buffer=64,
+                    learning_rate=1e-3, warmup_steps=2).validate(),
+        strategy=tf.distribute.OneDeviceStrategy("/cpu:0"))
 
     # Interrupted run: SIGKILL once checkpoint 9 exists, then rerun the same command.
     run_dir = tmp_path / "interrupted"
