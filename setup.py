@@ -59,7 +59,7 @@ setup(
             "pytest>=8",
             # Two test processes (pytest.ini: -n 2, a file per process): most tests
             # trace graphs in one Python thread, so a second process halves the suite.
-            "pytest-xdist>=3.5",
+            "pytest-xdist>=3.8",  # --no-loadscope-reorder
             "pillow>=10",
             "psutil>=5.9",
             # Reference implementations for parity tests. torch is pinned so pip

@@ -48,9 +48,10 @@ def _real_data_dir(config):
 
 
 # The slowest files, slowest first (per-file sums of `--durations`, 2-core 2.0 GHz Xeon,
-# 2026-12-02). pytest-xdist's `--dist loadfile` hands files out in collection order, so
-# a slow file collected last kept one process busy while the other had finished; run
-# first, they overlap with the many short files instead.
+# 2026-12-02). With `--no-loadscope-reorder` (pytest.ini), pytest-xdist's `--dist loadfile`
+# hands files out in collection order; by default it hands out the files with the most
+# tests first, which put these (few tests each, 300-400 s per file) last, one process busy
+# while the other had finished. Run first, they overlap with the many short files.
 SLOW_FILES_FIRST = (
     "test_multiworker.py", "test_entry_points.py", "test_training_hostile.py", "test_training_run.py",
     "test_large_batch_training.py", "test_large_batch_multiworker.py", "test_data.py", "test_export.py",
